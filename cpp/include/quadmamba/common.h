@@ -1,0 +1,102 @@
+// quadmamba core: shared checks, dtype and device codes.
+//
+// Glossary of dimension letters used across the core (and the Python package):
+//   B  batch                       H, W  spatial height and width
+//   D  channels per scan direction L     sequence length (H * W)
+//   K  scan directions (groups)    N     SSM state size (d_state)
+//
+// Errors: QM_CHECK throws quadmamba::Error (a std::invalid_argument, so the
+// binding surfaces it as a Python ValueError) carrying file:line and a message.
+#pragma once
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace quadmamba {
+
+class Error : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+namespace detail {
+inline void append(std::ostringstream&) {}
+template <typename T, typename... Rest>
+void append(std::ostringstream& os, const T& v, const Rest&... rest) {
+  os << v;
+  append(os, rest...);
+}
+template <typename... Args>
+[[noreturn]] void fail(const char* file, int line, const char* cond, const Args&... args) {
+  std::ostringstream os;
+  append(os, args...);
+  os << " [" << cond << " failed at " << file << ":" << line << "]";
+  throw Error(os.str());
+}
+}  // namespace detail
+
+}  // namespace quadmamba
+
+#define QM_CHECK(cond, ...)                                                  \
+  do {                                                                       \
+    if (!(cond)) ::quadmamba::detail::fail(__FILE__, __LINE__, #cond, __VA_ARGS__); \
+  } while (0)
+
+#if defined(__CUDACC__)
+#define QM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define QM_HOST_DEVICE inline
+#endif
+
+namespace quadmamba {
+
+// Element types; the numeric codes are part of the binding's contract with
+// python/quadmamba/_backend.py.
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int64 = 4, Int32 = 5 };
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Int64: return "int64";
+    case DType::Int32: return "int32";
+  }
+  return "unknown";
+}
+
+inline int dtype_size(DType t) {
+  switch (t) {
+    case DType::Float32: case DType::Int32: return 4;
+    case DType::Float64: case DType::Int64: return 8;
+    case DType::Float16: case DType::BFloat16: return 2;
+  }
+  return 0;
+}
+
+// A device: kind CPU (index -1) or CUDA (index >= 0).
+struct Device {
+  int index = -1;
+  bool is_cpu() const { return index < 0; }
+  bool is_cuda() const { return index >= 0; }
+  bool operator==(const Device& o) const { return index == o.index; }
+  bool operator!=(const Device& o) const { return index != o.index; }
+};
+
+// Whether the CUDA kernels were compiled into this build.
+constexpr bool cuda_built() {
+#if defined(QUADMAMBA_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Number of usable CUDA devices: 0 in a CPU-only build and on machines without a
+// driver or a device (the runtime's errors are read as "no device").
+int cuda_device_count();
+
+}  // namespace quadmamba

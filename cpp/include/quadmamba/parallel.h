@@ -1,0 +1,90 @@
+// One parallel loop for the whole core. With OpenMP it uses the process's
+// OpenMP runtime (the same libgomp that PyTorch's CPU build loads, so
+// torch.set_num_threads governs it); without OpenMP it falls back to
+// std::thread with hardware_concurrency workers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(QUADMAMBA_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+namespace quadmamba {
+
+inline int num_threads() {
+#if defined(QUADMAMBA_WITH_OPENMP)
+  return omp_get_max_threads();
+#else
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+#endif
+}
+
+// Calls f(lo, hi) on disjoint sub-ranges covering [begin, end). Ranges are at
+// least `grain` long (except the last); runs inline when one range suffices or
+// when already inside a parallel region. Exceptions thrown by f are rethrown.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t max_chunks = (n + grain - 1) / grain;
+#if defined(QUADMAMBA_WITH_OPENMP)
+  const int64_t threads = std::min<int64_t>(num_threads(), max_chunks);
+  if (threads <= 1 || omp_in_parallel()) {
+    f(begin, end);
+    return;
+  }
+  std::exception_ptr error;
+  std::mutex error_mutex;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t tid = omp_get_thread_num();
+    const int64_t nt = omp_get_num_threads();
+    const int64_t chunk = (n + nt - 1) / nt;
+    const int64_t lo = begin + tid * chunk;
+    const int64_t hi = std::min(end, lo + chunk);
+    if (lo < hi) {
+      try {
+        f(lo, hi);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+#else
+  const int64_t threads = std::min<int64_t>(num_threads(), max_chunks);
+  if (threads <= 1) {
+    f(begin, end);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  std::vector<std::thread> workers;
+  for (int64_t t = 0; t < threads; ++t) {
+    const int64_t lo = begin + t * chunk;
+    const int64_t hi = std::min(end, lo + chunk);
+    if (lo >= hi) break;
+    workers.emplace_back([&, lo, hi] {
+      try {
+        f(lo, hi);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    });
+  }
+  for (auto& w : workers) w.join();
+  if (error) std::rethrow_exception(error);
+#endif
+}
+
+}  // namespace quadmamba

@@ -1,0 +1,60 @@
+// Tests of the core's shared pieces: checks, views, the parallel loop.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <vector>
+
+#include "quadmamba/common.h"
+#include "quadmamba/parallel.h"
+#include "quadmamba/tensor_view.h"
+
+using namespace quadmamba;
+
+TEST(Common, CheckThrowsWithMessageAndLocation) {
+  try {
+    QM_CHECK(1 + 1 == 3, "x must be ", 3, ", got ", 2);
+    FAIL() << "QM_CHECK did not throw";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("x must be 3, got 2"), std::string::npos) << what;
+    EXPECT_NE(what.find("test_common.cpp"), std::string::npos) << what;
+  }
+}
+
+TEST(TensorView, ContiguousStridesAndChecks) {
+  std::vector<float> buf(2 * 3 * 4);
+  TensorView v(buf.data(), DType::Float32, {2, 3, 4});
+  EXPECT_EQ(v.numel(), 24);
+  EXPECT_EQ(v.strides[0], 12);
+  EXPECT_EQ(v.strides[1], 4);
+  EXPECT_EQ(v.strides[2], 1);
+  EXPECT_TRUE(v.is_contiguous());
+  v.strides[2] = 2;
+  EXPECT_FALSE(v.is_contiguous());
+  v.strides[2] = 1;
+  EXPECT_NO_THROW(check_view(v, "u", 3, DType::Float32, Device{}));
+  EXPECT_THROW(check_view(v, "u", 2, DType::Float32, Device{}), Error);
+  EXPECT_THROW(check_view(v, "u", 3, DType::Float64, Device{}), Error);
+  EXPECT_THROW(check_shape(v, "u", {2, 3, 5}), Error);
+}
+
+TEST(Parallel, CoversRangeExactlyOnce) {
+  for (int64_t n : {0, 1, 7, 1000, 12345}) {
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+    for (auto& h : hits) h = 0;
+    parallel_for(0, n, 3, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) hits[static_cast<size_t>(i)]++;
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[static_cast<size_t>(i)].load(), 1) << "n=" << n << " i=" << i;
+  }
+}
+
+TEST(Parallel, RethrowsWorkerErrors) {
+  EXPECT_THROW(parallel_for(0, 1000, 1, [](int64_t, int64_t hi) { QM_CHECK(hi < 1000, "boom"); }),
+               Error);
+}
+
+TEST(Device, CountIsZeroWithoutCudaBuild) {
+  if (cuda_built()) GTEST_SKIP() << "CUDA build: device count depends on the machine";
+  EXPECT_EQ(cuda_device_count(), 0);
+}
