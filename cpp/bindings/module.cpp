@@ -12,7 +12,9 @@
 #include <string>
 
 #include "quadmamba/common.h"
+#include "quadmamba/cross_scan.h"
 #include "quadmamba/parallel.h"
+#include "quadmamba/quad_scan.h"
 #include "quadmamba/tensor_view.h"
 
 namespace py = pybind11;
@@ -43,6 +45,14 @@ TensorView to_view(const py::handle& obj, const char* name) {
 
 void* to_stream(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
+quadmamba::QuadGeometry quad_geometry(int64_t H, int64_t W, int64_t sy, int64_t sx, const std::string& order) {
+  QM_CHECK(order == "quadtree" || order == "official", "order must be 'quadtree' or 'official', got '",
+           order, "'");
+  return quadmamba::make_quad_geometry(H, W, sy, sx,
+                                       order == "quadtree" ? quadmamba::QuadOrder::Quadtree
+                                                           : quadmamba::QuadOrder::Official);
+}
+
 // Raised for a CUDA tensor when the CUDA kernels were not compiled in.
 [[noreturn]] void no_cuda(const char* op) {
   throw std::runtime_error(
@@ -69,4 +79,82 @@ PYBIND11_MODULE(_C, m) {
   (void)&no_cuda;
 
   // ---- ops are bound below, one block per op --------------------------------
+
+  // quad_scan / quad_merge (quad_scan.h). Geometry arguments: H, W, sy, sx, order.
+  m.def("quad_scan_fwd", [](py::object x, py::object decision, py::object out, int64_t H, int64_t W,
+                            int64_t sy, int64_t sx, const std::string& order, uintptr_t stream) {
+    const auto g = quad_geometry(H, W, sy, sx, order);
+    const TensorView xv = to_view(x, "x"), dv = to_view(decision, "decision"), ov = to_view(out, "out");
+    if (xv.device.is_cpu()) return quadmamba::quad_scan_fwd_cpu(xv, dv, ov, g);
+#if defined(QUADMAMBA_WITH_CUDA)
+    quadmamba::quad_scan_fwd_cuda(xv, dv, ov, g, to_stream(stream));
+#else
+    (void)stream;
+    no_cuda("quad_scan_fwd");
+#endif
+  });
+  m.def("quad_scan_bwd", [](py::object x, py::object decision, py::object gout, py::object dx,
+                            py::object ddecision, py::object workspace, int64_t H, int64_t W, int64_t sy,
+                            int64_t sx, const std::string& order, uintptr_t stream) {
+    const auto g = quad_geometry(H, W, sy, sx, order);
+    const TensorView xv = to_view(x, "x"), dv = to_view(decision, "decision"), gv = to_view(gout, "gout"),
+                     dxv = to_view(dx, "dx"), ddv = to_view(ddecision, "ddecision"),
+                     wv = to_view(workspace, "workspace");
+    if (xv.device.is_cpu()) return quadmamba::quad_scan_bwd_cpu(xv, dv, gv, dxv, ddv, wv, g);
+#if defined(QUADMAMBA_WITH_CUDA)
+    quadmamba::quad_scan_bwd_cuda(xv, dv, gv, dxv, ddv, wv, g, to_stream(stream));
+#else
+    (void)stream;
+    no_cuda("quad_scan_bwd");
+#endif
+  });
+  m.def("quad_merge_fwd", [](py::object ys, py::object decision, py::object y, int64_t H, int64_t W,
+                             int64_t sy, int64_t sx, const std::string& order, uintptr_t stream) {
+    const auto g = quad_geometry(H, W, sy, sx, order);
+    const TensorView sv = to_view(ys, "ys"), dv = to_view(decision, "decision"), yv = to_view(y, "y");
+    if (sv.device.is_cpu()) return quadmamba::quad_merge_fwd_cpu(sv, dv, yv, g);
+#if defined(QUADMAMBA_WITH_CUDA)
+    quadmamba::quad_merge_fwd_cuda(sv, dv, yv, g, to_stream(stream));
+#else
+    (void)stream;
+    no_cuda("quad_merge_fwd");
+#endif
+  });
+  m.def("quad_merge_bwd", [](py::object ys, py::object decision, py::object gy, py::object dys,
+                             py::object ddecision, py::object workspace, int64_t H, int64_t W, int64_t sy,
+                             int64_t sx, const std::string& order, uintptr_t stream) {
+    const auto g = quad_geometry(H, W, sy, sx, order);
+    const TensorView sv = to_view(ys, "ys"), dv = to_view(decision, "decision"), gv = to_view(gy, "gy"),
+                     dsv = to_view(dys, "dys"), ddv = to_view(ddecision, "ddecision"),
+                     wv = to_view(workspace, "workspace");
+    if (sv.device.is_cpu()) return quadmamba::quad_merge_bwd_cpu(sv, dv, gv, dsv, ddv, wv, g);
+#if defined(QUADMAMBA_WITH_CUDA)
+    quadmamba::quad_merge_bwd_cuda(sv, dv, gv, dsv, ddv, wv, g, to_stream(stream));
+#else
+    (void)stream;
+    no_cuda("quad_merge_bwd");
+#endif
+  });
+
+  // cross_scan / cross_merge (cross_scan.h): each is the other's backward.
+  m.def("cross_scan_fwd", [](py::object x, py::object out, uintptr_t stream) {
+    const TensorView xv = to_view(x, "x"), ov = to_view(out, "out");
+    if (xv.device.is_cpu()) return quadmamba::cross_scan_fwd_cpu(xv, ov);
+#if defined(QUADMAMBA_WITH_CUDA)
+    quadmamba::cross_scan_fwd_cuda(xv, ov, to_stream(stream));
+#else
+    (void)stream;
+    no_cuda("cross_scan_fwd");
+#endif
+  });
+  m.def("cross_merge_fwd", [](py::object ys, py::object y, uintptr_t stream) {
+    const TensorView sv = to_view(ys, "ys"), yv = to_view(y, "y");
+    if (sv.device.is_cpu()) return quadmamba::cross_merge_fwd_cpu(sv, yv);
+#if defined(QUADMAMBA_WITH_CUDA)
+    quadmamba::cross_merge_fwd_cuda(sv, yv, to_stream(stream));
+#else
+    (void)stream;
+    no_cuda("cross_merge_fwd");
+#endif
+  });
 }

@@ -1,5 +1,7 @@
 """Differentiable ops backed by the compiled core, and their plain-PyTorch
 references (``quadmamba.ops.reference``), which are the specification."""
 from quadmamba.ops import reference
+from quadmamba.ops.cross_scan import cross_merge, cross_scan
+from quadmamba.ops.quad_scan import quad_merge, quad_scan
 
-__all__ = ["reference"]
+__all__ = ["reference", "quad_scan", "quad_merge", "cross_scan", "cross_merge"]
