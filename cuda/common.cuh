@@ -14,3 +14,23 @@
 
 // Checks the launch of the kernel just issued.
 #define QM_CUDA_CHECK_LAUNCH() QM_CUDA_CHECK(cudaGetLastError())
+
+namespace quadmamba {
+
+// Makes `index` the current CUDA device for the lifetime of the guard (kernels of a
+// tensor on device i must launch with device i current).
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(int index) {
+    QM_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (index != previous_) QM_CUDA_CHECK(cudaSetDevice(index));
+  }
+  ~CudaDeviceGuard() { cudaSetDevice(previous_); }
+  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
+  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace quadmamba
