@@ -126,10 +126,9 @@ def _kernel_decision(decision: Tensor, data: Tensor) -> Tensor:
 def _quad_scan(x: Tensor, decision: Tensor, sy: int, sx: int, order: str) -> Tensor:
     batch, channels, height, width = x.shape
     data = _kernel_data(x)
+    dec = _kernel_decision(decision, data)  # kept alive: the core reads its pointer
     out = data.new_empty(batch, 2, channels, height * width)
-    core().quad_scan_fwd(
-        view(data), view(_kernel_decision(decision, data)), view(out), height, width, sy, sx, order, stream(data)
-    )
+    core().quad_scan_fwd(view(data), view(dec), view(out), height, width, sy, sx, order, stream(data))
     return out.to(x.dtype)
 
 
@@ -143,10 +142,9 @@ def _(x, decision, sy, sx, order):
 def _quad_merge(ys: Tensor, decision: Tensor, height: int, width: int, sy: int, sx: int, order: str) -> Tensor:
     batch, _, channels, _ = ys.shape
     data = _kernel_data(ys)
+    dec = _kernel_decision(decision, data)  # kept alive: the core reads its pointer
     y = data.new_empty(batch, channels, height, width)
-    core().quad_merge_fwd(
-        view(data), view(_kernel_decision(decision, data)), view(y), height, width, sy, sx, order, stream(data)
-    )
+    core().quad_merge_fwd(view(data), view(dec), view(y), height, width, sy, sx, order, stream(data))
     return y.to(ys.dtype)
 
 
