@@ -1,0 +1,257 @@
+// The CPU quad/cross kernels against naive loops written from the definitions, and the
+// CUDA kernels against the CPU ones when a device is present.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "quadmamba/cross_scan.h"
+#include "quadmamba/quad_scan.h"
+
+#if defined(QUADMAMBA_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+using namespace quadmamba;
+
+namespace {
+
+template <typename T> DType dtype_of();
+template <> DType dtype_of<float>() { return DType::Float32; }
+template <> DType dtype_of<double>() { return DType::Float64; }
+
+template <typename T>
+std::vector<T> randn(size_t n, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> dist;
+  std::vector<T> v(n);
+  for (auto& e : v) e = static_cast<T>(dist(gen));
+  return v;
+}
+
+// The orders by nested loops over the (rolled) grid, written from the spec's index form.
+struct NaiveOrders {
+  std::vector<int64_t> coarse, fine;  // slot -> raster token of the un-rolled input
+  std::vector<int> quadrant;          // token -> quadrant on the rolled grid
+  NaiveOrders(int64_t H, int64_t W, int64_t sy, int64_t sx, bool official) : quadrant(H * W) {
+    sy = ((sy % H) + H) % H;
+    sx = ((sx % W) + W) % W;
+    auto token = [&](int64_t y, int64_t x) { return ((y - sy + H) % H) * W + (x - sx + W) % W; };
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t x = 0; x < W; ++x) quadrant[token(y, x)] = 2 * (y >= H / 2) + (x >= W / 2);
+    for (int q1 = 0; q1 < 2; ++q1)
+      for (int q2 = 0; q2 < 2; ++q2)
+        for (int64_t r = 0; r < H / 2; ++r)
+          for (int64_t c = 0; c < W / 2; ++c) coarse.push_back(token(q1 * H / 2 + r, q2 * W / 2 + c));
+    for (int q1 = 0; q1 < 2; ++q1)
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+          for (int q4 = 0; q4 < 2; ++q4)
+            for (int64_t r = 0; r < H / 4; ++r)
+              for (int64_t c = 0; c < W / 4; ++c) {
+                const int q2 = official ? b : a, q3 = official ? a : b;
+                fine.push_back(token(q1 * H / 2 + q3 * H / 4 + r, q2 * W / 2 + q4 * W / 4 + c));
+              }
+  }
+};
+
+struct Case {
+  int64_t B, D, H, W, sy, sx;
+  bool official;
+};
+
+const Case kCases[] = {
+    {2, 3, 8, 8, 0, 0, false}, {2, 3, 8, 12, 3, -5, false}, {1, 4, 12, 8, -11, 7, true},
+    {3, 2, 4, 4, 1, 1, true},  {1, 2, 16, 20, 5, 0, false},
+};
+
+template <typename T>
+void check_against_naive(const Case& k) {
+  const int64_t B = k.B, D = k.D, H = k.H, W = k.W, L = H * W;
+  const QuadOrder order = k.official ? QuadOrder::Official : QuadOrder::Quadtree;
+  const QuadGeometry g = make_quad_geometry(H, W, k.sy, k.sx, order);
+  const NaiveOrders n(H, W, k.sy, k.sx, k.official);
+  std::vector<int64_t> finv(L), cinv(L);
+  for (int64_t p = 0; p < L; ++p) {
+    finv[n.fine[p]] = p;
+    cinv[n.coarse[p]] = p;
+  }
+  auto x = randn<T>(B * D * L, 1), ys = randn<T>(B * 2 * D * L, 2);
+  // One-hot rows plus one blended row (the formula holds for any decision value).
+  std::vector<T> dec(B * 4, T(0));
+  for (int64_t b = 0; b < B; ++b) dec[b * 4 + (b * 3 + 1) % 4] = T(1);
+  dec[0] = T(0.25);
+  const DType dt = dtype_of<T>();
+  std::vector<T> out(B * 2 * D * L, T(NAN)), y(B * D * L, T(NAN)), dx(B * D * L, T(NAN)),
+      dys(B * 2 * D * L, T(NAN)), dd1(B * 4, T(NAN)), dd2(B * 4, T(NAN)), ws(B * D * 4, T(NAN));
+  TensorView xv(x.data(), dt, {B, D, H, W}), ysv(ys.data(), dt, {B, 2, D, L}), dv(dec.data(), dt, {B, 4});
+  quad_scan_fwd_cpu(xv, dv, TensorView(out.data(), dt, {B, 2, D, L}), g);
+  quad_merge_fwd_cpu(ysv, dv, TensorView(y.data(), dt, {B, D, H, W}), g);
+  // quad_scan_bwd with gout = ys, quad_merge_bwd with gy = x.
+  quad_scan_bwd_cpu(xv, dv, ysv, TensorView(dx.data(), dt, {B, D, H, W}), TensorView(dd1.data(), dt, {B, 4}),
+                    TensorView(ws.data(), dt, {B, D, 4}), g);
+  quad_merge_bwd_cpu(ysv, dv, xv, TensorView(dys.data(), dt, {B, 2, D, L}), TensorView(dd2.data(), dt, {B, 4}),
+                     TensorView(ws.data(), dt, {B, D, 4}), g);
+  const double tol = std::is_same<T, float>::value ? 1e-4 : 1e-11;
+  for (int64_t b = 0; b < B; ++b) {
+    // With gout = ys (quad_scan_bwd) and gy = x (quad_merge_bwd) both decision gradients are
+    // sum_{t in q} sum_d x[t] (S[f^-1 t] - S[c^-1 t]), S = ys0 + rev(ys1): the scatter pass
+    // and the gather pass must agree with it.
+    double dm[4] = {0, 0, 0, 0};
+    for (int64_t d = 0; d < D; ++d) {
+      const T* xr = x.data() + (b * D + d) * L;
+      const T* s0 = ys.data() + (b * 2 * D + d) * L;
+      const T* s1 = s0 + D * L;
+      auto M = [&](int64_t t) { return dec[b * 4 + n.quadrant[t]]; };
+      auto S = [&](int64_t p) { return s0[p] + s1[L - 1 - p]; };
+      for (int64_t p = 0; p < L; ++p) {
+        const T want = M(n.fine[p]) * xr[n.fine[p]] + (T(1) - M(n.coarse[p])) * xr[n.coarse[p]];
+        const T got0 = out[(b * 2 * D + d) * L + p], got1 = out[((b * 2 + 1) * D + d) * L + L - 1 - p];
+        ASSERT_NEAR(got0, want, tol * (1 + std::abs(want))) << "scan b=" << b << " d=" << d << " p=" << p;
+        ASSERT_EQ(got0, got1) << "reversed direction, p=" << p;
+        ASSERT_NEAR(dys[(b * 2 * D + d) * L + p], want, tol * (1 + std::abs(want)));
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const T want = M(t) * S(finv[t]) + (T(1) - M(t)) * S(cinv[t]);
+        ASSERT_NEAR(y[(b * D + d) * L + t], want, tol * (1 + std::abs(want))) << "merge t=" << t;
+        ASSERT_NEAR(dx[(b * D + d) * L + t], want, tol * (1 + std::abs(want))) << "scan bwd t=" << t;
+        dm[n.quadrant[t]] += double(xr[t]) * (double(S(finv[t])) - double(S(cinv[t])));
+      }
+    }
+    for (int q = 0; q < 4; ++q) {
+      EXPECT_NEAR(dd1[b * 4 + q], dm[q], tol * (1 + std::abs(dm[q])) * 10) << "scan bwd b=" << b << " q=" << q;
+      EXPECT_NEAR(dd2[b * 4 + q], dm[q], tol * (1 + std::abs(dm[q])) * 10) << "merge bwd b=" << b << " q=" << q;
+    }
+  }
+}
+
+}  // namespace
+
+TEST(QuadScanCpu, MatchesNaiveLoopsFloat) {
+  for (const Case& k : kCases) check_against_naive<float>(k);
+}
+
+TEST(QuadScanCpu, MatchesNaiveLoopsDouble) {
+  for (const Case& k : kCases) check_against_naive<double>(k);
+}
+
+TEST(CrossScanCpu, MatchesNaiveLoops) {
+  const int64_t B = 2, D = 3, H = 5, W = 7, L = H * W;
+  auto x = randn<double>(B * D * L, 3), ys = randn<double>(B * 4 * D * L, 4);
+  std::vector<double> out(B * 4 * D * L, NAN), y(B * D * L, NAN);
+  cross_scan_fwd_cpu(TensorView(x.data(), DType::Float64, {B, D, H, W}),
+                     TensorView(out.data(), DType::Float64, {B, 4, D, L}));
+  cross_merge_fwd_cpu(TensorView(ys.data(), DType::Float64, {B, 4, D, L}),
+                      TensorView(y.data(), DType::Float64, {B, D, H, W}));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < H; ++r)
+        for (int64_t c = 0; c < W; ++c) {
+          const int64_t t = r * W + c, s = c * H + r;
+          const double v = x[(b * D + d) * L + t];
+          auto at = [&](const std::vector<double>& a, int k, int64_t p) { return a[((b * 4 + k) * D + d) * L + p]; };
+          ASSERT_EQ(at(out, 0, t), v);
+          ASSERT_EQ(at(out, 1, s), v);
+          ASSERT_EQ(at(out, 2, L - 1 - t), v);
+          ASSERT_EQ(at(out, 3, L - 1 - s), v);
+          const double want = at(ys, 0, t) + at(ys, 1, s) + at(ys, 2, L - 1 - t) + at(ys, 3, L - 1 - s);
+          ASSERT_NEAR(y[(b * D + d) * L + t], want, 1e-12);
+        }
+}
+
+#if defined(QUADMAMBA_WITH_CUDA)
+namespace {
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n;
+  explicit DeviceBuffer(const std::vector<T>& host) : n(host.size()) {
+    EXPECT_EQ(cudaMalloc(&ptr, n * sizeof(T)), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  std::vector<T> get() const {
+    std::vector<T> host(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return host;
+  }
+  TensorView view(std::initializer_list<int64_t> shape) const {
+    return TensorView(ptr, dtype_of<T>(), shape, Device{0});
+  }
+};
+
+template <typename T>
+void expect_close(const std::vector<T>& a, const std::vector<T>& b, double tol, const char* what) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    ASSERT_NEAR(a[i], b[i], tol * (1 + std::abs(double(b[i])))) << what << " at " << i;
+}
+
+template <typename T>
+void check_cuda_against_cpu(const Case& k) {
+  const int64_t B = k.B, D = k.D, H = k.H, W = k.W, L = H * W;
+  const QuadGeometry g =
+      make_quad_geometry(H, W, k.sy, k.sx, k.official ? QuadOrder::Official : QuadOrder::Quadtree);
+  const DType dt = dtype_of<T>();
+  auto x = randn<T>(B * D * L, 5), ys = randn<T>(B * 2 * D * L, 6);
+  std::vector<T> dec(B * 4, T(0));
+  for (int64_t b = 0; b < B; ++b) dec[b * 4 + (b + 2) % 4] = T(1);
+  std::vector<T> nan_seq(B * 2 * D * L, T(NAN)), nan_raster(B * D * L, T(NAN)), nan_dec(B * 4, T(NAN)),
+      nan_ws(B * D * 4, T(NAN));
+  // CPU results.
+  auto out = nan_seq, y = nan_raster, dx = nan_raster, dys = nan_seq, dd1 = nan_dec, dd2 = nan_dec, ws = nan_ws;
+  TensorView xv(x.data(), dt, {B, D, H, W}), ysv(ys.data(), dt, {B, 2, D, L}), dv(dec.data(), dt, {B, 4});
+  quad_scan_fwd_cpu(xv, dv, TensorView(out.data(), dt, {B, 2, D, L}), g);
+  quad_merge_fwd_cpu(ysv, dv, TensorView(y.data(), dt, {B, D, H, W}), g);
+  quad_scan_bwd_cpu(xv, dv, ysv, TensorView(dx.data(), dt, {B, D, H, W}), TensorView(dd1.data(), dt, {B, 4}),
+                    TensorView(ws.data(), dt, {B, D, 4}), g);
+  quad_merge_bwd_cpu(ysv, dv, xv, TensorView(dys.data(), dt, {B, 2, D, L}), TensorView(dd2.data(), dt, {B, 4}),
+                     TensorView(ws.data(), dt, {B, D, 4}), g);
+  // CUDA results into NaN-poisoned buffers.
+  DeviceBuffer<T> xd(x), ysd(ys), decd(dec), outd(nan_seq), yd(nan_raster), dxd(nan_raster), dysd(nan_seq),
+      dd1d(nan_dec), dd2d(nan_dec), wsd(nan_ws);
+  quad_scan_fwd_cuda(xd.view({B, D, H, W}), decd.view({B, 4}), outd.view({B, 2, D, L}), g, nullptr);
+  quad_merge_fwd_cuda(ysd.view({B, 2, D, L}), decd.view({B, 4}), yd.view({B, D, H, W}), g, nullptr);
+  quad_scan_bwd_cuda(xd.view({B, D, H, W}), decd.view({B, 4}), ysd.view({B, 2, D, L}), dxd.view({B, D, H, W}),
+                     dd1d.view({B, 4}), wsd.view({B, D, 4}), g, nullptr);
+  quad_merge_bwd_cuda(ysd.view({B, 2, D, L}), decd.view({B, 4}), xd.view({B, D, H, W}),
+                      dysd.view({B, 2, D, L}), dd2d.view({B, 4}), wsd.view({B, D, 4}), g, nullptr);
+  const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-12;
+  expect_close(outd.get(), out, tol, "quad_scan_fwd");
+  expect_close(yd.get(), y, tol, "quad_merge_fwd");
+  expect_close(dxd.get(), dx, tol, "quad_scan_bwd dx");
+  expect_close(dysd.get(), dys, tol, "quad_merge_bwd dys");
+  expect_close(dd1d.get(), dd1, tol * 100, "quad_scan_bwd ddecision");
+  expect_close(dd2d.get(), dd2, tol * 100, "quad_merge_bwd ddecision");
+
+  // cross_scan / cross_merge on the same grid.
+  const std::vector<T> nan_cross(B * 4 * D * L, T(NAN));
+  const auto cross_in = randn<T>(B * 4 * D * L, 7);
+  auto cross_out = nan_cross, cross_y = nan_raster;
+  cross_scan_fwd_cpu(xv, TensorView(cross_out.data(), dt, {B, 4, D, L}));
+  cross_merge_fwd_cpu(TensorView(const_cast<T*>(cross_in.data()), dt, {B, 4, D, L}),
+                      TensorView(cross_y.data(), dt, {B, D, H, W}));
+  DeviceBuffer<T> cross_outd(nan_cross), cross_ind(cross_in), cross_yd(nan_raster);
+  cross_scan_fwd_cuda(xd.view({B, D, H, W}), cross_outd.view({B, 4, D, L}), nullptr);
+  cross_merge_fwd_cuda(cross_ind.view({B, 4, D, L}), cross_yd.view({B, D, H, W}), nullptr);
+  expect_close(cross_outd.get(), cross_out, 0, "cross_scan_fwd");
+  expect_close(cross_yd.get(), cross_y, tol, "cross_merge_fwd");
+}
+
+}  // namespace
+#endif
+
+TEST(QuadScanCuda, MatchesCpu) {
+#if defined(QUADMAMBA_WITH_CUDA)
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const Case& k : kCases) {
+    check_cuda_against_cpu<float>(k);
+    check_cuda_against_cpu<double>(k);
+  }
+#else
+  GTEST_SKIP() << "built without CUDA kernels";
+#endif
+}
