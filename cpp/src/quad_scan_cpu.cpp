@@ -6,7 +6,6 @@
 // The decision gradient of a row is accumulated in double, stored per (b, d) in the
 // workspace and summed over d in order, so the result does not depend on threading.
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "quadmamba/parallel.h"
@@ -60,7 +59,7 @@ template <typename T>
 inline void axpy_run(T* dst, const T* src, int64_t n, T coef, bool accumulate) {
   if (!accumulate) {
     if (coef == T(1)) {
-      std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
     } else {
       for (int64_t i = 0; i < n; ++i) dst[i] = coef * src[i];
     }
@@ -80,10 +79,28 @@ inline void for_pieces(int64_t x0, int64_t n, int64_t W, const F& fn) {
   if (first < n) fn(first, int64_t{0}, n - first);
 }
 
+// Sums of one run (at most W/4 terms) in T with a fixed vectorised order, added to the
+// row's double accumulators by the callers.
+#if defined(QUADMAMBA_WITH_OPENMP)
+#define QM_SIMD_SUM _Pragma("omp simd reduction(+ : s)")
+#else
+#define QM_SIMD_SUM
+#endif
+
 template <typename T>
-inline double dot(const T* a, const T* b, int64_t n) {
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+  QM_SIMD_SUM
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// sum_i a[i] * (b[i] - c[i]).
+template <typename T>
+inline T dot_diff(const T* a, const T* b, const T* c, int64_t n) {
+  T s = 0;
+  QM_SIMD_SUM
+  for (int64_t i = 0; i < n; ++i) s += a[i] * (b[i] - c[i]);
   return s;
 }
 
@@ -93,38 +110,71 @@ inline void fold_directions(const T* s0, const T* s1, int64_t L, T* S) {
   for (int64_t p = 0; p < L; ++p) S[p] = s0[p] + s1[L - 1 - p];
 }
 
+// One run of w4 consecutive slots [p0, p0 + w4): in the gather pass its fine and coarse
+// source segments (row offset in x, first column, quadrant on the rolled grid); in the
+// scatter pass its destination segment of the raster (row offset, first column, the
+// quadrant) and the first fine / coarse slots that feed it. Built once per call from the
+// index functions; the per-row loops only copy.
+struct GatherRun {
+  int64_t p0, row_f, col_f, row_c, col_c;
+  int q_f, q_c;
+};
+struct ScatterRun {
+  int64_t row, col, p_f, p_c;
+  int q;
+};
+
+std::vector<GatherRun> gather_runs(const QuadGeometry& g) {
+  std::vector<GatherRun> runs;
+  for (int64_t p0 = 0; p0 < g.L(); p0 += g.run()) {
+    int64_t yf, xf, yc, xc;
+    fine_slot_to_yx(g.order, g.H, g.W, p0, yf, xf);
+    coarse_slot_to_yx(g.H, g.W, p0, yc, xc);
+    runs.push_back({p0, source_row(g, yf) * g.W, source_col(g, xf), source_row(g, yc) * g.W, source_col(g, xc),
+                    quadrant_of(g.H, g.W, yf, xf), quadrant_of(g.H, g.W, yc, xc)});
+  }
+  return runs;
+}
+
+std::vector<ScatterRun> scatter_runs(const QuadGeometry& g) {
+  std::vector<ScatterRun> runs;
+  for (int64_t y = 0; y < g.H; ++y) {  // rolled grid row y, segments starting at x0
+    for (int64_t x0 = 0; x0 < g.W; x0 += g.run()) {
+      runs.push_back({source_row(g, y) * g.W, source_col(g, x0), fine_yx_to_slot(g.order, g.H, g.W, y, x0),
+                      coarse_yx_to_slot(g.H, g.W, y, x0), quadrant_of(g.H, g.W, y, x0)});
+    }
+  }
+  return runs;
+}
+
 // Gather pass for one (b, d) row: out0/out1 from the raster row src (quad_scan_fwd),
 // and when aux0 is given, dm[q] += the gather form of the decision gradient with
 // S = aux0 + reverse(aux1) (quad_merge_bwd).
 template <typename T>
-void gather_row(const QuadGeometry& g, const T* src, const T* dec, T* out0, T* out1,
-                const T* aux0, const T* aux1, T* S, double* dm) {
-  const int64_t H = g.H, W = g.W, L = g.L(), R = g.run();
+void gather_row(const QuadGeometry& g, const std::vector<GatherRun>& runs, const T* src, const T* dec,
+                T* out0, T* out1, const T* aux0, const T* aux1, T* S, double* dm) {
+  const int64_t W = g.W, L = g.L(), R = g.run();
   if (aux0) fold_directions(aux0, aux1, L, S);
-  for (int64_t p0 = 0; p0 < L; p0 += R) {
-    int64_t yf, xf, yc, xc;
-    fine_slot_to_yx(g.order, H, W, p0, yf, xf);
-    coarse_slot_to_yx(H, W, p0, yc, xc);
-    const int qf = quadrant_of(H, W, yf, xf), qc = quadrant_of(H, W, yc, xc);
-    const T* row_f = src + source_row(g, yf) * W;
-    const T* row_c = src + source_row(g, yc) * W;
-    const int64_t col_f = source_col(g, xf), col_c = source_col(g, xc);
-    const T cf = dec[qf], cc = T(1) - dec[qc];
-    T* o = out0 + p0;
+  for (const GatherRun& run : runs) {
+    const T* row_f = src + run.row_f;
+    const T* row_c = src + run.row_c;
+    const T cf = dec[run.q_f], cc = T(1) - dec[run.q_c];
+    T* o = out0 + run.p0;
     bool written = false;
     if (cf != T(0)) {
-      for_pieces(col_f, R, W, [&](int64_t i, int64_t col, int64_t n) { axpy_run(o + i, row_f + col, n, cf, false); });
+      for_pieces(run.col_f, R, W, [&](int64_t i, int64_t col, int64_t n) { axpy_run(o + i, row_f + col, n, cf, false); });
       written = true;
     }
     if (cc != T(0)) {
-      for_pieces(col_c, R, W, [&](int64_t i, int64_t col, int64_t n) { axpy_run(o + i, row_c + col, n, cc, written); });
+      for_pieces(run.col_c, R, W, [&](int64_t i, int64_t col, int64_t n) { axpy_run(o + i, row_c + col, n, cc, written); });
       written = true;
     }
     if (!written) std::fill(o, o + R, T(0));
     if (aux0) {
       // dM[Q(f(p))] += src[f(p)] * S[p];  dM[Q(c(p))] -= src[c(p)] * S[p].
-      for_pieces(col_f, R, W, [&](int64_t i, int64_t col, int64_t n) { dm[qf] += dot(row_f + col, S + p0 + i, n); });
-      for_pieces(col_c, R, W, [&](int64_t i, int64_t col, int64_t n) { dm[qc] -= dot(row_c + col, S + p0 + i, n); });
+      const T* s = S + run.p0;
+      for_pieces(run.col_f, R, W, [&](int64_t i, int64_t col, int64_t n) { dm[run.q_f] += dot(row_f + col, s + i, n); });
+      for_pieces(run.col_c, R, W, [&](int64_t i, int64_t col, int64_t n) { dm[run.q_c] -= dot(row_c + col, s + i, n); });
     }
   }
   for (int64_t p = 0; p < L; ++p) out1[p] = out0[L - 1 - p];
@@ -134,40 +184,32 @@ void gather_row(const QuadGeometry& g, const T* src, const T* dec, T* out0, T* o
 // when aux is given, dm[q] += the scatter form of the decision gradient with the raster
 // row aux (quad_scan_bwd).
 template <typename T>
-void scatter_row(const QuadGeometry& g, const T* s0, const T* s1, const T* dec, T* dst,
-                 const T* aux, T* S, double* dm) {
-  const int64_t H = g.H, W = g.W, L = g.L(), R = g.run();
+void scatter_row(const QuadGeometry& g, const std::vector<ScatterRun>& runs, const T* s0, const T* s1,
+                 const T* dec, T* dst, const T* aux, T* S, double* dm) {
+  const int64_t W = g.W, L = g.L(), R = g.run();
   fold_directions(s0, s1, L, S);
-  for (int64_t y = 0; y < H; ++y) {
-    T* row = dst + source_row(g, y) * W;
-    const T* aux_row = aux ? aux + source_row(g, y) * W : nullptr;
-    for (int64_t x0 = 0; x0 < W; x0 += R) {
-      const int64_t pf = fine_yx_to_slot(g.order, H, W, y, x0);
-      const int64_t pc = coarse_yx_to_slot(H, W, y, x0);
-      const int q = quadrant_of(H, W, y, x0);
-      const T m = dec[q], cc = T(1) - m;
-      const int64_t col = source_col(g, x0);
-      for_pieces(col, R, W, [&](int64_t i, int64_t c, int64_t n) {
-        bool written = false;
-        if (m != T(0)) {
-          axpy_run(row + c, S + pf + i, n, m, false);
-          written = true;
-        }
-        if (cc != T(0)) {
-          axpy_run(row + c, S + pc + i, n, cc, written);
-          written = true;
-        }
-        if (!written) std::fill(row + c, row + c + n, T(0));
-        if (aux_row) {
-          // dM[q] += sum_t aux[t] * (S[f^-1(t)] - S[c^-1(t)]).
-          double s = 0;
-          for (int64_t j = 0; j < n; ++j)
-            s += static_cast<double>(aux_row[c + j]) *
-                 (static_cast<double>(S[pf + i + j]) - static_cast<double>(S[pc + i + j]));
-          dm[q] += s;
-        }
-      });
-    }
+  for (const ScatterRun& run : runs) {
+    T* row = dst + run.row;
+    const T* aux_row = aux ? aux + run.row : nullptr;
+    const T m = dec[run.q], cc = T(1) - m;
+    for_pieces(run.col, R, W, [&](int64_t i, int64_t c, int64_t n) {
+      const T* sf = S + run.p_f + i;
+      const T* sc = S + run.p_c + i;
+      bool written = false;
+      if (m != T(0)) {
+        axpy_run(row + c, sf, n, m, false);
+        written = true;
+      }
+      if (cc != T(0)) {
+        axpy_run(row + c, sc, n, cc, written);
+        written = true;
+      }
+      if (!written) std::fill(row + c, row + c + n, T(0));
+      if (aux_row) {
+        // dM[q] += sum_t aux[t] * (S[f^-1(t)] - S[c^-1(t)]).
+        dm[run.q] += dot_diff(aux_row + c, sf, sc, n);
+      }
+    });
   }
 }
 
@@ -209,9 +251,10 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   const T* dec = decision.ptr<T>();
   T* o = out.ptr<T>();
   const T* a = aux.defined() ? aux.ptr<T>() : nullptr;
+  const std::vector<GatherRun> runs = gather_runs(g);
   for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
     const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
-    gather_row<T>(g, x + (b * D + d) * L, dec + b * 4, o + seq0, o + seq1, a ? a + seq0 : nullptr,
+    gather_row<T>(g, runs, x + (b * D + d) * L, dec + b * 4, o + seq0, o + seq1, a ? a + seq0 : nullptr,
                   a ? a + seq1 : nullptr, S, dm);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
@@ -226,10 +269,11 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   const T* dec = decision.ptr<T>();
   T* y = dst.ptr<T>();
   const T* a = aux.defined() ? aux.ptr<T>() : nullptr;
+  const std::vector<ScatterRun> runs = scatter_runs(g);
   for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
     const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
     const int64_t r = (b * D + d) * L;
-    scatter_row<T>(g, s + seq0, s + seq1, dec + b * 4, y + r, a ? a + r : nullptr, S, dm);
+    scatter_row<T>(g, runs, s + seq0, s + seq1, dec + b * 4, y + r, a ? a + r : nullptr, S, dm);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }
