@@ -53,21 +53,79 @@ def authors_merge(ys, decision, size, shift):
     return torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(2, 3))
 
 
+def _kernels(x, decision, ys, gy, shift, size):
+    """The core entry points on preallocated outputs (no allocation, no Python checks)."""
+    from quadmamba._backend import core, stream, view
+
+    C, st = core(), stream(x)
+    (height, width), (sy, sx) = size, shift
+    batch, channels = x.shape[:2]
+    seq = torch.empty_like(ys)
+    ras = torch.empty_like(x)
+    dd = torch.empty(batch, 4, device=x.device)
+    ws = torch.empty(batch, channels, 4, device=x.device)
+    four = torch.empty(batch, 4, channels, height * width, device=x.device, dtype=x.dtype)
+    # the views hold raw pointers: the tensors stay referenced by the closures below
+    vx, vd, vys, vgy = view(x), view(decision), view(ys), view(gy)
+    vseq, vras, vdd, vws, vfour = view(seq), view(ras), view(dd), view(ws), view(four)
+    keep = (seq, ras, dd, ws, four)
+    geo = (height, width, sy, sx, "quadtree", st)
+
+    def scan_fwd():
+        assert keep
+        C.quad_scan_fwd(vx, vd, vseq, *geo)
+
+    def merge_fwd():
+        assert keep
+        C.quad_merge_fwd(vys, vd, vras, *geo)
+
+    def scan_fwd_bwd():
+        assert keep
+        C.quad_scan_fwd(vx, vd, vseq, *geo)
+        C.quad_scan_bwd(vx, vd, vys, vras, vdd, vws, *geo)
+
+    def merge_fwd_bwd():
+        assert keep
+        C.quad_merge_fwd(vys, vd, vras, *geo)
+        C.quad_merge_bwd(vys, vd, vgy, vseq, vdd, vws, *geo)
+
+    def cross_fwd():
+        assert keep
+        C.cross_scan_fwd(vx, vfour, st)
+
+    def cross_merge_fwd():
+        assert keep
+        C.cross_merge_fwd(vfour, vras, st)
+
+    return {
+        ("quad_scan", "fwd"): scan_fwd,
+        ("quad_merge", "fwd"): merge_fwd,
+        ("quad_scan", "fwd+bwd"): scan_fwd_bwd,
+        ("quad_merge", "fwd+bwd"): merge_fwd_bwd,
+        ("cross_scan", "fwd"): cross_fwd,
+        ("cross_merge", "fwd"): cross_merge_fwd,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(environment())
     bw = copy_bandwidth_gbs(device=args.device)
     print(f"copy bandwidth ({args.device}): {bw:.1f} GB/s (read + write)")
+    print("plain: the PyTorch composition; op: quadmamba.ops.<op> (checks + allocation + kernel);")
+    print("kernel: the core entry point on preallocated outputs; floor: bytes moved / copy bandwidth")
     print()
-    header = (f"{'op':<13} {'shape (B,D,H,W)':<18} {'pass':<8} {'plain ms':>9} {'fused ms':>9} "
-              f"{'speed-up':>8} {'fused GB/s':>10} {'x floor':>7}")
+    header = (f"| {'op':<11} | {'B,D,H,W':<14} | {'pass':<7} | {'plain ms':>8} | {'op ms':>7} | "
+              f"{'kernel ms':>9} | {'op speed-up':>11} | {'kernel GB/s':>11} | {'kernel/floor':>12} |")
     print(header)
-    print("-" * len(header))
-    rows = []
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for (channels, size) in [(192, 56), (384, 28)]:
         for batch in (1, 8):
             shift = (size // 8, size // 8)
@@ -77,51 +135,45 @@ def main():
             ys = quad_scan(x, decision, shift)
             assert torch.allclose(authors_merge(ys, decision, (size, size), shift),
                                   quad_merge(ys, decision, (size, size), shift))
-            unit = x.numel() * x.element_size()  # one (B, D, H, W) tensor
-            cases = {
-                # name: (plain fn, fused fn, fused bytes in units of x)
-                ("quad_scan", "fwd"): (lambda: authors_scan(x, decision, shift),
-                                       lambda: quad_scan(x, decision, shift), 3),
-                ("quad_merge", "fwd"): (lambda: authors_merge(ys, decision, (size, size), shift),
-                                        lambda: quad_merge(ys, decision, (size, size), shift), 3),
-                ("cross_scan", "fwd"): (lambda: cross_scan_ref(x), lambda: cross_scan(x), 5),
-            }
+            unit = x.numel() * x.element_size()  # bytes of one (B, D, H, W) tensor
             xg = x.clone().requires_grad_()
             dg = decision.clone().requires_grad_()
-            g = torch.randn_like(ys)
-
-            def fwd_bwd(fn):
-                def run():
-                    out = fn(xg, dg, shift)
-                    torch.autograd.grad(out, (xg, dg), g)
-                return run
-
-            # forward 3 units; backward reads gout (2) and x (1), writes dx (1)
-            cases[("quad_scan", "fwd+bwd")] = (fwd_bwd(authors_scan), fwd_bwd(quad_scan), 7)
             ysg = ys.clone().requires_grad_()
             gy = torch.randn_like(x)
+            y4 = cross_scan(x)
+
+            def scan_fwd_bwd(fn):
+                def run():
+                    torch.autograd.grad(fn(xg, dg, shift), (xg, dg), ys)
+                return run
 
             def merge_fwd_bwd(fn):
                 def run():
-                    out = fn(ysg, dg, (size, size), shift)
-                    torch.autograd.grad(out, (ysg, dg), gy)
+                    torch.autograd.grad(fn(ysg, dg, (size, size), shift), (ysg, dg), gy)
                 return run
 
-            cases[("quad_merge", "fwd+bwd")] = (merge_fwd_bwd(authors_merge), merge_fwd_bwd(quad_merge), 7)
-            cases[("cross_merge", "fwd")] = (lambda: cross_merge_ref(cross_scan(x), (size, size)),
-                                             None, 5)
-            y4 = cross_scan(x)
-            cases[("cross_merge", "fwd")] = (lambda: cross_merge_ref(y4, (size, size)),
-                                             lambda: cross_merge(y4, (size, size)), 5)
-            for (name, kind), (plain, fused, units) in cases.items():
+            # (plain, op, bytes the fused kernels move in units of x)
+            cases = {
+                ("quad_scan", "fwd"): (lambda: authors_scan(x, decision, shift),
+                                       lambda: quad_scan(x, decision, shift), 3),
+                ("quad_scan", "fwd+bwd"): (scan_fwd_bwd(authors_scan), scan_fwd_bwd(quad_scan), 3 + 4),
+                ("quad_merge", "fwd"): (lambda: authors_merge(ys, decision, (size, size), shift),
+                                        lambda: quad_merge(ys, decision, (size, size), shift), 3),
+                ("quad_merge", "fwd+bwd"): (merge_fwd_bwd(authors_merge), merge_fwd_bwd(quad_merge), 3 + 6),
+                ("cross_scan", "fwd"): (lambda: cross_scan_ref(x), lambda: cross_scan(x), 5),
+                ("cross_merge", "fwd"): (lambda: cross_merge_ref(y4, (size, size)),
+                                         lambda: cross_merge(y4, (size, size)), 5),
+            }
+            kernels = _kernels(x, decision, ys, gy, shift, (size, size))
+            for key, (plain, op, units) in cases.items():
                 plain_ms = median_ms(plain, repeat=args.repeat)
-                fused_ms = median_ms(fused, repeat=args.repeat)
-                gbs = units * unit / (fused_ms * 1e-3) / 1e9
-                floor_ms = units * unit / (bw * 1e9) * 1e3
-                line = (f"{name:<13} {str((batch, channels, size, size)):<18} {kind:<8} {plain_ms:>9.3f} "
-                        f"{fused_ms:>9.3f} {plain_ms / fused_ms:>7.1f}x {gbs:>10.1f} {fused_ms / floor_ms:>6.2f}x")
-                print(line, flush=True)
-                rows.append(line)
+                op_ms = median_ms(op, repeat=args.repeat)
+                kernel_ms = median_ms(kernels[key], repeat=args.repeat)
+                nbytes = units * unit
+                floor_ms = nbytes / (bw * 1e9) * 1e3
+                print(f"| {key[0]:<11} | {f'{batch},{channels},{size},{size}':<14} | {key[1]:<7} | {plain_ms:>8.2f} | "
+                      f"{op_ms:>7.2f} | {kernel_ms:>9.2f} | {plain_ms / op_ms:>10.1f}x | "
+                      f"{nbytes / (kernel_ms * 1e-3) / 1e9:>11.1f} | {kernel_ms / floor_ms:>11.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
