@@ -18,6 +18,11 @@ decision's dtype.
 
 Gradients flow to the data and to the decision (the straight-through path of the hard
 Gumbel-softmax); double backward is not supported.
+
+The public functions check that the decision is one-hot (0/1 values, one 1 per row);
+that check reads the values (a device synchronisation on CUDA) and is skipped while
+torch.compile traces. The custom ops ``torch.ops.quadmamba.quad_scan`` /
+``quad_merge`` take any decision values and compute the formula (gradcheck uses that).
 """
 from __future__ import annotations
 
