@@ -32,8 +32,9 @@
 //   out, ys, gout, dys:  (B, 2, D, L), T
 //   decision:            (B, 4), accumulation dtype A
 //   ddecision:           (B, 4), A, fully written (no pre-zeroing)
-//   workspace:           (B, D, 4), A: per-(b, d) partial sums of ddecision, reduced over
-//                        d in a fixed order (bitwise repeatable, no atomics)
+//   workspace:           (B, D, 4), A: scratch for partial sums of ddecision (per (b, d) on
+//                        the CPU, per (b, group of channels) on CUDA), reduced in a fixed
+//                        order (bitwise repeatable, no atomics); no pre-zeroing
 //   T: CPU float32 or float64; CUDA float32, float64, float16 or bfloat16.
 //   A: float64 when T is float64, else float32 (math in A, fp16/bf16 read and written
 //      in their own type).
