@@ -28,6 +28,12 @@ __device__ __forceinline__ void add_to_quadrant(A (&sums)[4], int q, A v) {
   for (int i = 0; i < 4; ++i) sums[i] += (i == q) ? v : A(0);
 }
 
+// v[q] for a runtime q, by selects (keeps v in registers instead of local memory).
+template <typename A>
+__device__ __forceinline__ A pick(const A (&v)[4], int q) {
+  return q == 0 ? v[0] : (q == 1 ? v[1] : (q == 2 ? v[2] : v[3]));
+}
+
 // Sums each of the 4 values over the block; the result lands in out[0..4) (global).
 template <typename A>
 __device__ void block_sum4(A (&v)[4], A* out) {
@@ -97,7 +103,7 @@ gather_kernel(const T* __restrict__ src, const typename Acc<T>::type* __restrict
     const int qf = quadrant_of(g.H, g.W, yf, xf), qc = quadrant_of(g.H, g.W, yc, xc);
     const int64_t tf = source_row(g, yf) * g.W + source_col(g, xf);
     const int64_t tc = source_row(g, yc) * g.W + source_col(g, xc);
-    const A mf = dec[qf], mc = A(1) - dec[qc];
+    const A mf = pick(dec, qf), mc = A(1) - pick(dec, qc);
     for (int r = 0; r < rows; ++r) {
       const int64_t off = r * L;
       const A vf = to_acc(x[off + tf]), vc = to_acc(x[off + tc]);
@@ -138,7 +144,7 @@ scatter_kernel(const T* __restrict__ seq, const typename Acc<T>::type* __restric
     const int64_t pf = fine_yx_to_slot(g.order, g.H, g.W, y, x);
     const int64_t pc = coarse_yx_to_slot(g.H, g.W, y, x);
     const int q = quadrant_of(g.H, g.W, y, x);
-    const A m = dec[q];
+    const A m = pick(dec, q);
     for (int r = 0; r < rows; ++r) {
       const int64_t off = r * L;
       const A sf = to_acc(s0[off + pf]) + to_acc(s1[off + L - 1 - pf]);
