@@ -3,8 +3,9 @@
 // Parallel over the (b, d) rows. Within a row the work goes in runs of w4 = W/4
 // consecutive slots: each run reads (gather) or writes (scatter) one contiguous row
 // segment of the grid, split in two where the roll wraps it around the right edge.
-// The decision gradient of a row is accumulated in double, stored per (b, d) in the
-// workspace and summed over d in order, so the result does not depend on threading.
+// The decision gradient: each run's sum (at most W/4 terms, fixed vectorised order) is
+// added to the row's double accumulators, stored per (b, d) in the workspace and summed
+// over d in order, so the result does not depend on threading.
 #include <algorithm>
 #include <vector>
 
