@@ -330,3 +330,29 @@ def test_big_variants_forward(name, kernels):
         outs = dense(torch.randn(1, 3, size, size))
     c = model.config.dims
     assert [tuple(o.shape) for o in outs] == [(1, c[i], size // 4 // 2 ** i, size // 4 // 2 ** i) for i in range(4)]
+
+
+def test_optional_integrations_are_lazy_and_safe():
+    import subprocess
+    import sys
+
+    code = "import sys, quadmamba; print('timm' in sys.modules, 'mmengine' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout
+    from quadmamba.models import integrations
+
+    if integrations.register_timm():
+        import timm
+
+        assert timm.create_model("quadmamba_nano", kernels="reference", num_classes=3).num_classes == 3
+    else:
+        assert "timm" in integrations.unavailable_reason
+    if integrations.register_mmengine():
+        from mmengine.registry import MODELS
+
+        assert isinstance(MODELS.build(dict(type="QuadMambaBackbone", arch="quadmamba_nano", kernels="reference")),
+                          QuadMamba)
+    else:
+        assert "mmengine" in integrations.unavailable_reason
+    dense = integrations.quadmamba_backbone("quadmamba_nano", out_indices=(0, 3), kernels="reference")
+    assert [o.shape[1] for o in dense(torch.randn(1, 3, 32, 32))] == [16, 128]
