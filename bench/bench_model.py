@@ -52,7 +52,7 @@ def throughput(name: str, kernels: str, batch: int, mode: str, args, device: tor
         model.eval()
 
         def step():
-            with torch.inference_mode():
+            with torch.no_grad():
                 model(x)
     else:
         model.train()

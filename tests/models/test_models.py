@@ -1,4 +1,3 @@
-import dataclasses
 from dataclasses import asdict
 
 import pytest
@@ -356,3 +355,26 @@ def test_optional_integrations_are_lazy_and_safe():
         assert "mmengine" in integrations.unavailable_reason
     dense = integrations.quadmamba_backbone("quadmamba_nano", out_indices=(0, 3), kernels="reference")
     assert [o.shape[1] for o in dense(torch.randn(1, 3, 32, 32))] == [16, 128]
+
+
+@pytest.mark.skipif(bool(MISSING_FUSED), reason=f"quadmamba.ops lacks {MISSING_FUSED} (fused kernels not built into this tree)")
+@pytest.mark.parametrize("compat", ["paper", "official"])
+def test_fused_model_matches_reference_model(compat):
+    torch.manual_seed(0)
+    ref = nano(compat=compat, kernels="reference")
+    fused = nano(compat=compat, kernels="fused")
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 50, 37)
+    for model in (ref, fused):
+        model.train()
+        torch.manual_seed(7)  # same Gumbel draws
+        model(x).square().mean().backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    for n, p in fused.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-5, msg=n)
+    if compat == "paper":
+        ref.eval(), fused.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert quadmamba.count_flops(fused, 224) == quadmamba.count_flops(ref, 224)
