@@ -7,7 +7,12 @@ Glossary of dimension letters used throughout the package:
     (2 in quad stages, 4 in cross stages), N state size (d_state), R dt_rank.
 """
 from quadmamba._backend import cuda_available, cuda_built
+from quadmamba.flops import count_flops, count_params
+from quadmamba.models import QuadMamba, QuadMambaConfig, create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["cuda_available", "cuda_built", "__version__"]
+__all__ = [
+    "QuadMamba", "QuadMambaConfig", "count_flops", "count_params", "create_model",
+    "cuda_available", "cuda_built", "list_models", "__version__",
+]

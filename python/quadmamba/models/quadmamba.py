@@ -1,0 +1,329 @@
+"""The QuadMamba network: stem, 4 stages (quadtree blocks in quad stages, cross blocks in
+the others), classifier head or dense-prediction outputs.
+
+Shapes: image (B, in_chans, H, W); stage i works on (B, H_i, W_i, C_i) channel-last with
+H_0 = ceil(H/4), H_{i+1} = ceil(H_i/2); dense outputs are channel-first (B, C_i, H_i, W_i).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from quadmamba.layers.blocks import QuadVSSBlock, VSSBlock
+from quadmamba.layers.common import Downsample, GlobalAvgPool, Stem
+from quadmamba.layers.kernels import ScanOps, get_ops
+from quadmamba.layers.mixers import QuadSS2D
+from quadmamba.models.config import NUM_STAGES, QuadMambaConfig
+
+# Window-shift directions cycled over pairs of blocks (spec 3.5): (+,+), (-,-), (+,-), (-,+).
+SHIFT_DIRECTIONS = ((1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def shift_schedule(depths: Sequence[int], quad_stages: Sequence[int]) -> List[List[Optional[Tuple[int, int]]]]:
+    """Per stage, per block: the shift direction of a quad block, or None.
+
+    Shifted blocks are the odd blocks of quad stages; block with global index g uses
+    direction SHIFT_DIRECTIONS[(g // 2) % 4].
+    """
+    schedule, offset = [], 0
+    for stage, depth in enumerate(depths):
+        row = []
+        for j in range(depth):
+            shifted = stage in quad_stages and j % 2 == 1
+            row.append(SHIFT_DIRECTIONS[((offset + j) // 2) % 4] if shifted else None)
+        schedule.append(row)
+        offset += depth
+    return schedule
+
+
+class QuadMambaStage(nn.Module):
+    """Blocks of one width, then an optional downsample.
+
+    Args:
+        dim: width C of the blocks.
+        out_dim: width after the downsample; None for no downsample.
+        depth: number of blocks.
+        scan: "quad" (QuadVSSBlock) or "cross" (VSSBlock).
+        shifts: per block, the shift direction (quad blocks) or None.
+        drop_paths: per block, the stochastic-depth probability.
+        ops: the op table.
+        ssm_ratio, d_state, dt_rank, mlp_ratio, quad_scan, compat, gumbel_tau: block settings.
+
+    Forward returns (stage output before the downsample, downsampled map), channel-last.
+    """
+
+    def __init__(self, dim: int, out_dim: Optional[int], depth: int, *, scan: str,
+                 shifts: Sequence[Optional[Tuple[int, int]]], drop_paths: Sequence[float],
+                 ops: ScanOps, ssm_ratio: float, d_state: int, dt_rank: Optional[int],
+                 mlp_ratio: float, quad_scan: str, compat: str, gumbel_tau: float):
+        super().__init__()
+        if scan not in ("quad", "cross"):
+            raise ValueError(f"scan must be 'quad' or 'cross', got {scan!r}")
+        common = dict(ssm_ratio=ssm_ratio, d_state=d_state, dt_rank=dt_rank, mlp_ratio=mlp_ratio, ops=ops)
+        blocks = []
+        for j in range(depth):
+            if scan == "quad":
+                blocks.append(QuadVSSBlock(dim, drop_path=drop_paths[j], shift=shifts[j],
+                                           quad_scan=quad_scan, compat=compat, gumbel_tau=gumbel_tau, **common))
+            else:
+                blocks.append(VSSBlock(dim, drop_path=drop_paths[j], **common))
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = Downsample(dim, out_dim) if out_dim is not None else nn.Identity()
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, self.downsample(x)
+
+
+class ClassifierHead(nn.Module):
+    """LayerNorm(C) -> global average pool -> Linear(C, classes) (Identity if classes == 0)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.pool = GlobalAvgPool()
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(self.norm(x))
+        return x if pre_logits else self.fc(x)
+
+
+@dataclass
+class PartitionMap:
+    """The quadtree partition one quad block used (see QuadMamba.partition_maps)."""
+
+    stage: int
+    block: int
+    stride: int
+    shift: Tuple[int, int]
+    decision: torch.Tensor   # (B, 4) one-hot, TL, TR, BL, BR in the rolled frame
+    score: torch.Tensor      # (B, H0, W0) locality score, image frame, cropped
+    windows: torch.Tensor    # (B, H0, W0) int64: 0..3 coarse quadrant, 4..7 fine sub-window
+
+
+def window_ids(decision: torch.Tensor, size: Tuple[int, int], shift: Tuple[int, int],
+               crop: Tuple[int, int]) -> torch.Tensor:
+    """Window id of every token in the image frame: (B, crop_h, crop_w) int64.
+
+    On the padded, rolled grid of ``size``: quadrant q = 2*(y >= H/2) + (x >= W/2) gets id q,
+    unless it is the selected one, whose tokens get 4 + 2*(y' >= H/4) + (x' >= W/4) with
+    (y', x') inside the quadrant. Then the roll is undone (roll by -shift) and cropped.
+    """
+    height, width = size
+    ys = torch.arange(height, device=decision.device)
+    xs = torch.arange(width, device=decision.device)
+    quadrant = 2 * (ys[:, None] >= height // 2).long() + (xs[None, :] >= width // 2).long()
+    sub = 2 * ((ys[:, None] % (height // 2)) >= height // 4).long() + ((xs[None, :] % (width // 2)) >= width // 4).long()
+    selected = decision.argmax(dim=1)                                   # (B,)
+    ids = torch.where(quadrant[None] == selected[:, None, None], 4 + sub[None], quadrant[None])
+    ids = torch.roll(ids, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    return ids[:, :crop[0], :crop[1]]
+
+
+class QuadMamba(nn.Module):
+    """QuadMamba classifier, or dense backbone with ``config.features_only``.
+
+    Args:
+        config: the model configuration (QuadMambaConfig).
+    """
+
+    def __init__(self, config: QuadMambaConfig):
+        super().__init__()
+        self.config = config
+        cfg = config
+        self.num_classes = cfg.num_classes if not cfg.features_only else 0
+        self.num_features = cfg.dims[-1]
+        ops = get_ops(cfg.kernels)
+        self.stem = Stem(cfg.in_chans, cfg.dims[0])
+        num_stages = max(cfg.out_indices) + 1 if cfg.features_only else NUM_STAGES
+        total = sum(cfg.depths)
+        rates = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
+        shifts = shift_schedule(cfg.depths, cfg.quad_stages)
+        stages, offset = [], 0
+        for i in range(num_stages):
+            depth = cfg.depths[i]
+            stages.append(QuadMambaStage(
+                cfg.dims[i], cfg.dims[i + 1] if i + 1 < num_stages else None, depth,
+                scan="quad" if i in cfg.quad_stages else "cross", shifts=shifts[i],
+                drop_paths=rates[offset:offset + depth], ops=ops, ssm_ratio=cfg.ssm_ratio,
+                d_state=cfg.d_state, dt_rank=cfg.dt_rank, mlp_ratio=cfg.mlp_ratio,
+                quad_scan=cfg.quad_scan, compat=cfg.compat, gumbel_tau=cfg.gumbel_tau))
+            offset += depth
+        self.stages = nn.ModuleList(stages)
+        if cfg.features_only:
+            self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(cfg.dims[i]) for i in cfg.out_indices})
+            self.head = None
+        else:
+            self.out_norms = None
+            self.head = ClassifierHead(cfg.dims[-1], cfg.num_classes)
+        self.apply(init_weights)
+
+    # -- features --------------------------------------------------------------------------
+    def _stage_outputs(self, x: torch.Tensor, last: int):
+        """Yield (i, output of stage i before its downsample) for i <= last; channel-last."""
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages[:last + 1]):
+            out, x = stage(x)
+            yield i, out, x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, in_chans, H, W) -> last stage output (B, H_3, W_3, C_3), channel-last."""
+        for _, out, _ in self._stage_outputs(x, len(self.stages) - 1):
+            pass
+        return out
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, H_3, W_3, C_3) -> logits (B, classes), or pooled features with pre_logits."""
+        if self.head is None:
+            raise RuntimeError("a features_only model has no classifier head")
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                              norm: bool = True, intermediates_only: bool = False):
+        """Stage outputs, channel-first (B, C_i, H_i, W_i), taken before each downsample.
+
+        Args:
+            indices: stage indices (sequence), the last n stages (int), or None for all built stages.
+            norm: pass outputs through the backbone's out-norms where the model has them.
+            intermediates_only: return only the list.
+
+        Returns:
+            list of maps, or (list, final features channel-last) unless intermediates_only.
+        """
+        built = len(self.stages)
+        if indices is None:
+            take = list(range(built))
+        elif isinstance(indices, int):
+            take = list(range(built - indices, built))
+        else:
+            take = sorted(int(i) for i in indices)
+        if not take or take[0] < 0 or take[-1] >= built:
+            raise ValueError(f"indices must select stages in 0..{built - 1}, got {indices!r}")
+        last = built - 1 if not intermediates_only else take[-1]
+        maps, final = [], None
+        for i, out, _ in self._stage_outputs(x, last):
+            if i in take:
+                if norm and self.out_norms is not None and str(i) in self.out_norms:
+                    out = self.out_norms[str(i)](out)
+                maps.append(out.permute(0, 3, 1, 2).contiguous())
+            final = out if i == built - 1 else final
+        return maps if intermediates_only else (maps, final)
+
+    def forward(self, x: torch.Tensor):
+        """Classifier: logits (B, classes). Backbone: list of (B, C_i, H_i, W_i) for out_indices."""
+        if self.config.features_only:
+            return self.forward_intermediates(x, self.config.out_indices, norm=True, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
+
+    # -- training helpers ----------------------------------------------------------------------
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final Linear by a fresh one with ``num_classes`` outputs (0: Identity)."""
+        if self.head is None:
+            raise RuntimeError("a features_only model has no classifier head")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.config.num_classes = num_classes
+        fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        fc.apply(init_weights)
+        ref = self.head.norm.weight
+        self.head.fc = fc.to(device=ref.device, dtype=ref.dtype)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
+
+    def no_weight_decay(self) -> set:
+        """Names of the parameters that take no weight decay (A_log and Ds of every mixer)."""
+        return {name for name, _ in self.named_parameters() if name.endswith((".A_log", ".Ds"))}
+
+    # -- inspection ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def partition_maps(self, x: torch.Tensor) -> List[PartitionMap]:
+        """Run the model on x (current train/eval mode, no grad) and return the partition of
+        every quadtree block, in order (see PartitionMap and window_ids)."""
+        records, handles = {}, []
+        mixers = [(i, j, blk.mixer) for i, stage in enumerate(self.stages)
+                  for j, blk in enumerate(stage.blocks) if isinstance(blk.mixer, QuadSS2D)]
+        if any(m.quad_scan != "quadtree" for _, _, m in mixers):
+            raise RuntimeError("partition_maps needs quad_scan='quadtree' (the raster ablation has no partition)")
+
+        def keep(key, what):
+            def hook(module, args, output):
+                records.setdefault(key, {})[what] = (args, output)
+            return hook
+
+        for i, j, mixer in mixers:
+            handles.append(mixer.register_forward_hook(keep((i, j), "mixer")))
+            handles.append(mixer.predictor.register_forward_hook(keep((i, j), "score")))
+            handles.append(mixer.decide.register_forward_hook(keep((i, j), "decision")))
+        try:
+            self(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        maps = []
+        for i, j, mixer in mixers:
+            rec = records[(i, j)]
+            height0, width0 = rec["mixer"][0][0].shape[1:3]
+            score = rec["score"][1]                                   # (B, Hp, Wp), image frame
+            decision = rec["decision"][1]
+            size = (score.shape[1], score.shape[2])
+            shift = mixer.shift_amount(*size)
+            maps.append(PartitionMap(
+                stage=i, block=j, stride=4 * 2 ** i, shift=shift, decision=decision,
+                score=score[:, :height0, :width0],
+                windows=window_ids(decision, size, shift, (height0, width0))))
+        return maps
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module) -> None:
+    """Spec init: Linear trunc-normal(std 0.02) with zero bias, LayerNorm (1, 0); convs keep
+    PyTorch's default; scan parameters are set by the mixers (quadmamba.layers.init_ssm_)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def create_model(name: str, *, num_classes: int = 1000, drop_path_rate: Optional[float] = None,
+                 compat: str = "paper", kernels: str = "fused", quad_scan: str = "quadtree",
+                 features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 in_chans: int = 3, gumbel_tau: float = 1.0) -> QuadMamba:
+    """Build a named variant (see list_models()).
+
+    Args:
+        name: "quadmamba_nano" | "quadmamba_li" | "quadmamba_t" | "quadmamba_s" | "quadmamba_b".
+        num_classes: classifier outputs.
+        drop_path_rate: stochastic depth; None takes the variant's default (Li/T 0.1, S 0.2, B 0.3).
+        compat: "paper" | "official".
+        kernels: "fused" | "reference".
+        quad_scan: "quadtree" | "raster".
+        features_only: dense backbone (maps at strides 4, 8, 16, 32) instead of a classifier.
+        out_indices: stages the backbone returns.
+        in_chans: image channels.
+        gumbel_tau: Gumbel-softmax temperature.
+    """
+    from quadmamba.models.config import get_config
+
+    overrides = dict(num_classes=num_classes, compat=compat, kernels=kernels, quad_scan=quad_scan,
+                     features_only=features_only, out_indices=tuple(out_indices), in_chans=in_chans,
+                     gumbel_tau=gumbel_tau)
+    if drop_path_rate is not None:
+        overrides["drop_path_rate"] = drop_path_rate
+    return QuadMamba(get_config(name, **overrides))
