@@ -61,9 +61,10 @@ def selective_scan_ref(
     drive = delta.unsqueeze(2) * Bx * u.unsqueeze(2)
     h = u.new_zeros(batch, channels, A.shape[1])
     ys = []
-    for t in range(length):
-        h = decay[..., t] * h + drive[..., t]
-        ys.append((h * Cx[..., t]).sum(-1))
+    # unbind gives one view per step, so the backward stays linear in L.
+    for decay_t, drive_t, c_t in zip(decay.unbind(-1), drive.unbind(-1), Cx.unbind(-1)):
+        h = decay_t * h + drive_t
+        ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D.to(compute)[:, None]
@@ -75,6 +76,13 @@ def selective_scan_ref(
 # ---------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _quad_orders_cpu(height: int, width: int, order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built outside inference mode: the cache outlives the caller's mode, and an
+    # inference tensor could not be saved for a later backward.
+    with torch.inference_mode(False):
+        return _build_quad_orders(height, width, order)
+
+
+def _build_quad_orders(height: int, width: int, order: str) -> tuple[torch.Tensor, torch.Tensor]:
     grid = torch.arange(height * width).view(height, width)
     # Coarse: view (q1, r, q2, c), order (q1, q2, r, c).
     coarse = grid.view(2, height // 2, 2, width // 2).permute(0, 2, 1, 3).reshape(-1)
