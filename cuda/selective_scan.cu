@@ -494,9 +494,10 @@ void selective_scan_fwd_cuda(const SelectiveScanParams& p, const TensorView& u,
                              const TensorView& delta, const TensorView& A, const TensorView& B,
                              const TensorView& C, const TensorView& Dskip,
                              const TensorView& delta_bias, const TensorView& y) {
-  const ScanArgs a = make_args(p, u, delta, A, B, C, Dskip, delta_bias);
+  ScanArgs a = make_args(p, u, delta, A, B, C, Dskip, delta_bias);
   check_view(y, "y", 3, u.dtype, u.device);
   check_shape(y, "y", {p.batch, p.channels, p.length});
+  a.vec = a.vec && aligned16(y.data);
   const FwdOut out{y.data};
   DeviceGuard guard(u.device.index);
   switch (u.dtype) {
