@@ -1,50 +1,62 @@
-"""Shared timing helpers for the bench scripts: warm-up + median wall time, an
-environment line, and the CPU copy bandwidth measured in the same run."""
+"""Shared benchmark helpers: environment report, timing, copy bandwidth."""
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 
 import torch
 
 
-def median_ms(fn, warmup: int = 3, repeat: int = 15) -> float:
-    """Median wall time of fn() in milliseconds (CUDA synchronised when available)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, *, warmup: int = 1, reps: int = 5, min_seconds: float = 0.0) -> float:
+    """Best (minimum) wall time of fn() in seconds over the timed runs, after `warmup` calls
+    (device work included). The minimum is the least disturbed by other load on the machine.
+
+    With min_seconds > 0, repeats until at least that much time was spent (at least `reps` runs).
+    """
     for _ in range(warmup):
         fn()
-    sync()
+    sync(device)
     times = []
-    for _ in range(repeat):
+    start_all = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start_all < min_seconds:
         start = time.perf_counter()
         fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
-def copy_bandwidth_gbs(megabytes: int = 256, device: str = "cpu") -> float:
-    """Bandwidth of dst.copy_(src) in GB/s, counting one read and one write."""
+def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
+    """Copy bandwidth in GB/s (bytes read + bytes written per second) of a large tensor copy."""
     n = megabytes * 2**20 // 4
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), warmup=2, repeat=9)
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
+    seconds = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=10)
+    return 2 * n * 4 / seconds / 1e9
 
 
 def environment() -> str:
-    cpu = platform.processor() or platform.machine()
+    lines = [
+        f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}",
+        f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"GPU: {torch.cuda.get_device_name()}")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu '{cpu}' "
-        f"({os.cpu_count()} logical), python {platform.python_version()}"
-    )
+    return platform.processor() or "unknown"

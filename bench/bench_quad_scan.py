@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import copy_bandwidth_gbs, environment, median_ms  # noqa: E402
+from _timing import copy_bandwidth, environment, time_fn  # noqa: E402
 
 from quadmamba.ops import cross_merge, cross_scan, quad_merge, quad_scan  # noqa: E402
 from quadmamba.ops.reference import cross_merge_ref, cross_scan_ref  # noqa: E402
@@ -121,7 +121,11 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(environment())
-    bw = copy_bandwidth_gbs(device=args.device)
+
+    def best_ms(fn, repeat):
+        return time_fn(fn, device, warmup=3, reps=repeat) * 1e3
+
+    bw = copy_bandwidth(device)
     print(f"copy bandwidth ({args.device}): {bw:.1f} GB/s (read + write)")
     print("plain: the PyTorch composition; op: quadmamba.ops.<op> (checks + allocation + kernel);")
     print("kernel: the core entry point on preallocated outputs; copy: a tensor copy moving the same")
@@ -171,13 +175,13 @@ def main():
             }
             kernels = _kernels(x, decision, ys, gy, shift, (size, size))
             for key, (plain, op, units) in cases.items():
-                plain_ms = median_ms(plain, repeat=args.repeat)
-                op_ms = median_ms(op, repeat=args.repeat)
-                kernel_ms = median_ms(kernels[key], repeat=args.repeat)
+                plain_ms = best_ms(plain, repeat=args.repeat)
+                op_ms = best_ms(op, repeat=args.repeat)
+                kernel_ms = best_ms(kernels[key], repeat=args.repeat)
                 nbytes = units * unit
                 src = torch.zeros(nbytes // 8, dtype=torch.float32, device=device)
                 dst = torch.empty_like(src)
-                copy_ms = median_ms(lambda: dst.copy_(src), repeat=args.repeat)
+                copy_ms = best_ms(lambda: dst.copy_(src), repeat=args.repeat)
                 print(f"| {key[0]:<11} | {f'{batch},{channels},{size},{size}':<14} | {key[1]:<7} | {plain_ms:>8.2f} | "
                       f"{op_ms:>7.2f} | {kernel_ms:>9.2f} | {plain_ms / op_ms:>10.1f}x | "
                       f"{nbytes / (kernel_ms * 1e-3) / 1e9:>11.1f} | {kernel_ms / copy_ms:>10.2f}x |", flush=True)

@@ -15,6 +15,7 @@
 #include "quadmamba/cross_scan.h"
 #include "quadmamba/parallel.h"
 #include "quadmamba/quad_scan.h"
+#include "quadmamba/selective_scan.h"
 #include "quadmamba/tensor_view.h"
 
 namespace py = pybind11;
@@ -73,10 +74,6 @@ PYBIND11_MODULE(_C, m) {
         "Number of usable CUDA devices (0 without a build, driver or device).");
   m.def("num_threads", [] { return quadmamba::num_threads(); },
         "Threads the CPU kernels use (shared with PyTorch's OpenMP pool).");
-
-  (void)&to_view;
-  (void)&to_stream;
-  (void)&no_cuda;
 
   // ---- ops are bound below, one block per op --------------------------------
 
@@ -157,4 +154,75 @@ PYBIND11_MODULE(_C, m) {
     no_cuda("cross_merge_fwd");
 #endif
   });
+
+  // selective_scan: see cpp/include/quadmamba/selective_scan.h for the contract.
+  m.def("selective_scan_chunk_cuda", [] {
+#if defined(QUADMAMBA_WITH_CUDA)
+    return quadmamba::selective_scan_chunk_cuda();
+#else
+    return int64_t{0};
+#endif
+  }, "Chunk length of the CUDA kernels (sizes the backward's workspace); 0 without CUDA.");
+  m.def(
+      "selective_scan_fwd",
+      [](py::object u, py::object delta, py::object A, py::object B, py::object C, py::object D,
+         py::object delta_bias, bool delta_softplus, py::object y, uintptr_t stream) {
+        const TensorView vu = to_view(u, "u"), vdelta = to_view(delta, "delta"),
+                         vA = to_view(A, "A"), vB = to_view(B, "B"), vC = to_view(C, "C"),
+                         vD = to_view(D, "D"), vbias = to_view(delta_bias, "delta_bias"),
+                         vy = to_view(y, "y");
+        auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus);
+        p.stream = to_stream(stream);
+        if (vu.device.is_cuda()) {
+#if defined(QUADMAMBA_WITH_CUDA)
+          py::gil_scoped_release release;
+          quadmamba::selective_scan_fwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vy);
+#else
+          no_cuda("selective_scan_fwd");
+#endif
+        } else {
+          py::gil_scoped_release release;
+          quadmamba::selective_scan_fwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vy);
+        }
+      },
+      py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
+      py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("y"), py::arg("stream"),
+      "Selective scan forward: writes y.");
+  m.def(
+      "selective_scan_bwd",
+      [](py::object u, py::object delta, py::object A, py::object B, py::object C, py::object D,
+         py::object delta_bias, bool delta_softplus, py::object dy, py::object du,
+         py::object ddelta, py::object dA, py::object dB, py::object dC, py::object dD,
+         py::object ddelta_bias, py::object workspace, uintptr_t stream) {
+        const TensorView vu = to_view(u, "u"), vdelta = to_view(delta, "delta"),
+                         vA = to_view(A, "A"), vB = to_view(B, "B"), vC = to_view(C, "C"),
+                         vD = to_view(D, "D"), vbias = to_view(delta_bias, "delta_bias"),
+                         vdy = to_view(dy, "dy"), vdu = to_view(du, "du"),
+                         vddelta = to_view(ddelta, "ddelta"), vdA = to_view(dA, "dA"),
+                         vdB = to_view(dB, "dB"), vdC = to_view(dC, "dC"), vdD = to_view(dD, "dD"),
+                         vdbias = to_view(ddelta_bias, "ddelta_bias"),
+                         vws = to_view(workspace, "workspace");
+        auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus);
+        p.stream = to_stream(stream);
+        if (vu.device.is_cuda()) {
+#if defined(QUADMAMBA_WITH_CUDA)
+          py::gil_scoped_release release;
+          quadmamba::selective_scan_bwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu,
+                                             vddelta, vdA, vdB, vdC, vdD, vdbias, vws);
+#else
+          (void)vws;
+          no_cuda("selective_scan_bwd");
+#endif
+        } else {
+          py::gil_scoped_release release;
+          quadmamba::selective_scan_bwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu,
+                                            vddelta, vdA, vdB, vdC, vdD, vdbias);
+        }
+      },
+      py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
+      py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("dy"), py::arg("du"),
+      py::arg("ddelta"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"),
+      py::arg("ddelta_bias"), py::arg("workspace"), py::arg("stream"),
+      "Selective scan backward: writes du, ddelta, dA, dB, dC, dD, ddelta_bias (CUDA: the "
+      "float32 dA, dB, dC, dD, ddelta_bias buffers must be zeroed by the caller).");
 }

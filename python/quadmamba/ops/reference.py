@@ -71,6 +71,67 @@ def selective_scan_ref(
     return y.to(dtype_out)
 
 
+def _segsum_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(x[..., s+1] + ... + x[..., t]) for s <= t and 0 above the diagonal: (..., T) -> (..., T, T)."""
+    length = x.shape[-1]
+    cum = x.cumsum(-1)
+    seg = cum[..., :, None] - cum[..., None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    return torch.exp(seg.masked_fill(~causal, float("-inf")))
+
+
+def selective_scan_chunked_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+    chunk: int = 32,
+) -> torch.Tensor:
+    """The same function as selective_scan_ref, vectorised over time in chunks.
+
+    Within a chunk of T steps the state is a masked sum (no division by decays,
+    so no overflow):
+        h_t = sum_{s <= t} exp(sum_{r = s+1..t} dl_r A) dl_s u_s B_s + exp(sum_{r <= t} dl_r A) h_start,
+    and the chunk-start states follow from the chunk-end states with the same
+    formula one level up (over chunks). Memory is O(B * KD * N * L * T); a plain
+    PyTorch formulation used as a second reference and as a speed baseline.
+    """
+    dtype_out = u.dtype
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
+    batch, channels, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    per_group = channels // groups
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    dl = F.softplus(delta) if delta_softplus else delta
+    pad = (-length) % chunk
+    # Padding steps have dl = 0 and u = 0: decay 1, no drive (identity steps at the end).
+    dl_p, u_p = F.pad(dl, (0, pad)), F.pad(u, (0, pad))
+    B_p, C_p = F.pad(B, (0, pad)), F.pad(C, (0, pad))
+    chunks = (length + pad) // chunk
+    shape = (batch, groups, per_group, dstate, chunks, chunk)
+    log_decay = (dl_p.unsqueeze(2) * A[None, :, :, None]).view(shape)  # dl_t A, (B, K, Dg, N, nc, T)
+    drive = (dl_p * u_p).view(batch, groups, per_group, 1, chunks, chunk) * B_p.view(
+        batch, groups, 1, dstate, chunks, chunk
+    )
+    h_local = torch.einsum("...ts,...s->...t", _segsum_exp(log_decay), drive)  # from a zero start
+    # Chunk-start states: H_c = sum_{c' < c} exp(sum of chunks c'+1 .. c-1 totals) h_local[c', -1].
+    totals = log_decay.sum(-1)  # (B, K, Dg, N, nc)
+    carry = torch.einsum("...cs,...s->...c", _segsum_exp(totals), h_local[..., -1])  # state at chunk end
+    start = F.pad(carry[..., :-1], (1, 0))  # state before each chunk
+    h = h_local + torch.exp(log_decay.cumsum(-1)) * start.unsqueeze(-1)
+    y = (h * C_p.view(batch, groups, 1, dstate, chunks, chunk)).sum(3)  # (B, K, Dg, nc, T)
+    y = y.reshape(batch, channels, chunks * chunk)[..., :length]
+    if D is not None:
+        y = y + u * D.to(compute)[:, None]
+    return y.to(dtype_out)
+
+
 # ---------------------------------------------------------------------------
 # Quadtree scan (quad stages)
 # ---------------------------------------------------------------------------

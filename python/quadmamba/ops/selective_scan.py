@@ -1,0 +1,269 @@
+"""Selective scan (S6) backed by the compiled core, forward and backward.
+
+``selective_scan`` computes exactly ``reference.selective_scan_ref`` (see there and
+cpp/include/quadmamba/selective_scan.h for the math). It is registered as the
+custom op ``quadmamba::selective_scan`` (with a fake implementation and autograd),
+so ``torch.compile(fullgraph=True)``, ``torch.library.opcheck`` and
+``FlopCounterMode`` see a single op.
+
+Precision: the scan always runs in float32 (float64 for float64 inputs). On the CPU,
+float16/bfloat16 inputs are upcast to float32 first; on CUDA the kernels read them
+directly. The output has the dtype of ``u``; each gradient has the dtype of its input.
+Autocast does not touch the op: it takes the dtypes it is given.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from quadmamba import _backend
+
+__all__ = ["selective_scan"]
+
+_SCAN_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_PARAM_DTYPES = (torch.float32, torch.float64)
+MAX_DSTATE = 16
+
+
+def _check_tensor(name: str, t, ndim: int, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"selective_scan: {name} must be a torch.Tensor {what}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"selective_scan: {name} must be {what}, got shape {tuple(t.shape)}")
+
+
+def _validate(u, delta, A, B, C, D, delta_bias) -> None:
+    _check_tensor("u", u, 3, "of shape (B, KD, L)")
+    _check_tensor("delta", delta, 3, "of shape (B, KD, L)")
+    _check_tensor("A", A, 2, "of shape (KD, N)")
+    _check_tensor("B", B, 4, "of shape (B, K, N, L)")
+    _check_tensor("C", C, 4, "of shape (B, K, N, L)")
+    if D is not None:
+        _check_tensor("D", D, 1, "of shape (KD,)")
+    if delta_bias is not None:
+        _check_tensor("delta_bias", delta_bias, 1, "of shape (KD,)")
+    batch, channels, length = u.shape
+    if length == 0:
+        raise ValueError(f"selective_scan: u has sequence length L = 0 (shape {tuple(u.shape)}); L must be >= 1")
+    if tuple(delta.shape) != tuple(u.shape):
+        raise ValueError(f"selective_scan: delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.shape[0] != channels:
+        raise ValueError(f"selective_scan: A must be (KD={channels}, N), got shape {tuple(A.shape)}")
+    dstate = A.shape[1]
+    if not 1 <= dstate <= MAX_DSTATE:
+        raise ValueError(f"selective_scan: A's state size N must be in [1, {MAX_DSTATE}], got N = {dstate}")
+    groups = B.shape[1]
+    if groups < 1 or channels % groups:
+        raise ValueError(
+            f"selective_scan: B's group count K = {groups} must divide KD = {channels} (B has shape {tuple(B.shape)})"
+        )
+    expected = (batch, groups, dstate, length)
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"selective_scan: {name} must be (B, K, N, L) = {expected}, got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise ValueError(f"selective_scan: {name} must be (KD,) = ({channels},), got {tuple(t.shape)}")
+    if u.dtype not in _SCAN_DTYPES:
+        raise TypeError(f"selective_scan: u must be float32, float64, float16 or bfloat16, got {u.dtype}")
+    for name, t in (("delta", delta), ("B", B), ("C", C)):
+        if t.dtype != u.dtype:
+            raise TypeError(f"selective_scan: {name} must have u's dtype {u.dtype}, got {t.dtype}")
+    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.dtype not in _PARAM_DTYPES:
+            raise TypeError(f"selective_scan: {name} must be float32 or float64, got {t.dtype}")
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.device != u.device:
+            raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
+    if u.device.type == "cuda" and u.dtype == torch.float64:
+        raise TypeError("selective_scan: float64 runs on the CPU only; CUDA takes float32, float16 or bfloat16")
+    # A host-side check: on CUDA it would synchronise every call, so it runs on the CPU only.
+    if u.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(A).all()):
+        raise ValueError("selective_scan: A has non-finite values (inf or nan)")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """Selective scan y = S6(u, delta, A, B, C, D, delta_bias); differentiable in every tensor.
+
+    For batch b, channel d of group k = d // (KD / K), step t, state h in R^N (h = 0 before t = 0):
+        dl_t = softplus(delta[b, d, t] + delta_bias[d])      (softplus if delta_softplus)
+        h_t  = exp(dl_t * A[d, :]) * h_{t-1} + dl_t * B[b, k, :, t] * u[b, d, t]
+        y_t  = <C[b, k, :, t], h_t> + D[d] * u[b, d, t]
+
+    Args:
+        u, delta: (B, KD, L), float32 / float64 / float16 / bfloat16 (float64 on CPU only).
+        A: (KD, N) float32 or float64, 1 <= N <= 16, finite.
+        B, C: (B, K, N, L), u's dtype; K divides KD.
+        D, delta_bias: (KD,) float32 or float64, or None.
+        delta_softplus: apply softplus to delta + delta_bias.
+
+    Returns:
+        y: (B, KD, L) in u's dtype.
+    """
+    _validate(u, delta, A, B, C, D, delta_bias)
+    contiguous = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
+    return torch.ops.quadmamba.selective_scan(*contiguous, bool(delta_softplus))
+
+
+def _compute_dtype(u: torch.Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype).contiguous()
+
+
+@torch.library.custom_op("quadmamba::selective_scan", mutates_args=())
+def _selective_scan_op(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> torch.Tensor:
+    core = _backend.core()
+    if u.device.type == "cuda":
+        # The kernel reads u, delta, B, C in their own dtype; A, D, delta_bias in float32.
+        params = [_cast(t, torch.float32) for t in (A, D, delta_bias)]
+        y = torch.empty_like(u)
+        core.selective_scan_fwd(
+            _backend.view(u), _backend.view(delta), _backend.view(params[0]), _backend.view(B),
+            _backend.view(C), _backend.view(params[1]), _backend.view(params[2]), delta_softplus,
+            _backend.view(y), _backend.stream(u),
+        )
+        return y
+    compute = _compute_dtype(u)
+    uc, dc, Ac, Bc, Cc, Dc, bc = (_cast(t, compute) for t in (u, delta, A, B, C, D, delta_bias))
+    y = torch.empty_like(uc)
+    core.selective_scan_fwd(
+        _backend.view(uc), _backend.view(dc), _backend.view(Ac), _backend.view(Bc), _backend.view(Cc),
+        _backend.view(Dc), _backend.view(bc), delta_softplus, _backend.view(y), 0,
+    )
+    return y.to(u.dtype)
+
+
+@_selective_scan_op.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("quadmamba::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd_op(
+    dy: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype
+    (dD, ddelta_bias in A's dtype when D / delta_bias are None)."""
+    core = _backend.core()
+    batch, channels, length = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    dD_dtype = A.dtype if D is None else D.dtype
+    dbias_dtype = A.dtype if delta_bias is None else delta_bias.dtype
+    if u.device.type == "cuda":
+        f32 = torch.float32
+        A32, D32, b32 = (_cast(t, f32) for t in (A, D, delta_bias))
+        dy = dy.to(u.dtype).contiguous()
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(u)
+        # Accumulated with atomics: float32 and zeroed.
+        dA = torch.zeros(channels, dstate, dtype=f32, device=u.device)
+        dB = torch.zeros(batch, groups, dstate, length, dtype=f32, device=u.device)
+        dC = torch.zeros_like(dB)
+        dD = torch.zeros(channels, dtype=f32, device=u.device)
+        dbias = torch.zeros_like(dD)
+        chunk = core.selective_scan_chunk_cuda()
+        workspace = torch.empty(batch, channels, (length + chunk - 1) // chunk, dstate, dtype=f32, device=u.device)
+        v = _backend.view
+        core.selective_scan_bwd(
+            v(u), v(delta), v(A32), v(B), v(C), v(D32), v(b32), delta_softplus, v(dy), v(du), v(ddelta),
+            v(dA), v(dB), v(dC), v(dD), v(dbias), v(workspace), _backend.stream(u),
+        )
+    else:
+        compute = _compute_dtype(u)
+        uc, dc, Ac, Bc, Cc, Dc, bc, gc = (_cast(t, compute) for t in (u, delta, A, B, C, D, delta_bias, dy))
+        du = torch.empty_like(uc)
+        ddelta = torch.empty_like(uc)
+        dA = torch.empty_like(Ac)
+        dB = torch.empty_like(Bc)
+        dC = torch.empty_like(Cc)
+        dD = torch.empty(channels, dtype=compute)
+        dbias = torch.empty(channels, dtype=compute)
+        v = _backend.view
+        core.selective_scan_bwd(
+            v(uc), v(dc), v(Ac), v(Bc), v(Cc), v(Dc), v(bc), delta_softplus, v(gc), v(du), v(ddelta),
+            v(dA), v(dB), v(dC), v(dD), v(dbias), None, 0,
+        )
+    return (
+        du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        dD.to(dD_dtype), dbias.to(dbias_dtype),
+    )
+
+
+@_selective_scan_bwd_op.register_fake
+def _(dy, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    channels = u.shape[1]
+    dD_dtype = A.dtype if D is None else D.dtype
+    dbias_dtype = A.dtype if delta_bias is None else delta_bias.dtype
+    return (
+        torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+        torch.empty_like(C), u.new_empty(channels, dtype=dD_dtype), u.new_empty(channels, dtype=dbias_dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    ctx.delta_softplus = delta_softplus
+    ctx.has_D = D is not None
+    ctx.has_bias = delta_bias is not None
+
+
+def _backward(ctx, dy):
+    u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dbias = torch.ops.quadmamba.selective_scan_bwd(
+        dy.contiguous(), u, delta, A, B, C, D, delta_bias, ctx.delta_softplus
+    )
+    return du, ddelta, dA, dB, dC, (dD if ctx.has_D else None), (dbias if ctx.has_bias else None), None
+
+
+_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_flops(batch: int, channels: int, length: int, dstate: int) -> int:
+    """Forward FLOPs of one call, fvcore / paper convention (one per multiply-add):
+    9 * B * L * KD * N for the scan plus B * KD * L for the skip term."""
+    return 9 * batch * length * channels * dstate + batch * channels * length
+
+
+@register_flop_formula(torch.ops.quadmamba.selective_scan)
+def _selective_scan_flop(u_shape, delta_shape, A_shape, B_shape, C_shape, *args, out_shape=None, **kwargs) -> int:
+    # FlopCounterMode counts 2 per multiply-add (as it does for matmuls), so twice the
+    # fvcore-style count: FlopCounterMode totals / 2 are the paper's GFLOPs.
+    batch, channels, length = u_shape
+    return 2 * selective_scan_flops(batch, channels, length, A_shape[1])
+
+
+@register_flop_formula(torch.ops.quadmamba.selective_scan_bwd)
+def _selective_scan_bwd_flop(dy_shape, u_shape, delta_shape, A_shape, *args, out_shape=None, **kwargs) -> int:
+    # The backward recomputes the forward and runs the adjoint scan: counted as twice the forward.
+    batch, channels, length = u_shape
+    return 4 * selective_scan_flops(batch, channels, length, A_shape[1])

@@ -1,0 +1,326 @@
+// Tests of the selective scan core: hand-computed short sequences, the CPU kernels
+// against a naive loop (forward and backward, float and double), and CPU against
+// CUDA when a device is present.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "quadmamba/selective_scan.h"
+
+#if defined(QUADMAMBA_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+using namespace quadmamba;
+
+namespace {
+
+struct Shape {
+  int64_t batch, groups, per_group, dstate, length;
+  bool with_D, with_bias, softplus;
+  int64_t channels() const { return groups * per_group; }
+  std::string str() const {
+    return "B=" + std::to_string(batch) + " K=" + std::to_string(groups) + " Dg=" +
+           std::to_string(per_group) + " N=" + std::to_string(dstate) + " L=" +
+           std::to_string(length) + " D=" + std::to_string(with_D) + " bias=" +
+           std::to_string(with_bias) + " softplus=" + std::to_string(softplus);
+  }
+};
+
+// All inputs and outputs of one call, in double (converted to T for the kernels).
+struct Problem {
+  Shape s;
+  std::vector<double> u, delta, A, B, C, D, bias, dy;
+};
+
+Problem make_problem(const Shape& s, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  Problem p;
+  p.s = s;
+  const int64_t KD = s.channels(), L = s.length, N = s.dstate;
+  const int64_t rows = s.batch * KD * L, bc = s.batch * s.groups * N * L;
+  for (int64_t i = 0; i < rows; ++i) {
+    p.u.push_back(normal(gen));
+    p.delta.push_back(s.softplus ? 0.5 * normal(gen) - 1.0 : 0.5 * uniform(gen) + 0.05);
+    p.dy.push_back(normal(gen));
+  }
+  for (int64_t i = 0; i < KD * N; ++i) p.A.push_back(-(2.0 * uniform(gen) + 0.2));
+  for (int64_t i = 0; i < bc; ++i) {
+    p.B.push_back(normal(gen));
+    p.C.push_back(normal(gen));
+  }
+  if (s.with_D)
+    for (int64_t i = 0; i < KD; ++i) p.D.push_back(normal(gen));
+  if (s.with_bias)
+    for (int64_t i = 0; i < KD; ++i) p.bias.push_back(0.3 * (s.softplus ? normal(gen) : uniform(gen)));
+  return p;
+}
+
+struct Grads {
+  std::vector<double> y, du, ddelta, dA, dB, dC, dD, dbias;
+};
+
+double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+double sigmoid(double x) { return x > 20.0 ? 1.0 : 1.0 / (1.0 + std::exp(-x)); }
+
+// The contract's formulas, one step at a time, every state stored.
+Grads naive(const Problem& p) {
+  const Shape& s = p.s;
+  const int64_t KD = s.channels(), L = s.length, N = s.dstate, Dg = s.per_group;
+  Grads g;
+  g.y.assign(s.batch * KD * L, 0.0);
+  g.du = g.y;
+  g.ddelta = g.y;
+  g.dA.assign(KD * N, 0.0);
+  g.dB.assign(s.batch * s.groups * N * L, 0.0);
+  g.dC = g.dB;
+  g.dD.assign(KD, 0.0);
+  g.dbias.assign(KD, 0.0);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t d = 0; d < KD; ++d) {
+      const int64_t k = d / Dg, row = (b * KD + d) * L, bk = (b * s.groups + k) * N * L;
+      const double Dv = s.with_D ? p.D[d] : 0.0, bias = s.with_bias ? p.bias[d] : 0.0;
+      std::vector<double> x(L), dl(L), h((L + 1) * N, 0.0), a(L * N);  // h[(t + 1) N + n] = h_t
+      for (int64_t t = 0; t < L; ++t) {
+        x[t] = p.delta[row + t] + bias;
+        dl[t] = s.softplus ? softplus(x[t]) : x[t];
+        double y = Dv * p.u[row + t];
+        for (int64_t n = 0; n < N; ++n) {
+          a[t * N + n] = std::exp(dl[t] * p.A[d * N + n]);
+          h[(t + 1) * N + n] = a[t * N + n] * h[t * N + n] + dl[t] * p.u[row + t] * p.B[bk + n * L + t];
+          y += p.C[bk + n * L + t] * h[(t + 1) * N + n];
+        }
+        g.y[row + t] = y;
+      }
+      std::vector<double> q(N, 0.0), anext(N, 1.0);
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const double gt = p.dy[row + t], ut = p.u[row + t];
+        double dus = 0.0, ddl = 0.0;
+        for (int64_t n = 0; n < N; ++n) {
+          const double Bv = p.B[bk + n * L + t], Cv = p.C[bk + n * L + t];
+          q[n] = Cv * gt + anext[n] * q[n];
+          const double hprev = h[t * N + n], ht = h[(t + 1) * N + n], at = a[t * N + n];
+          g.dC[bk + n * L + t] += gt * ht;
+          g.dB[bk + n * L + t] += q[n] * dl[t] * ut;
+          dus += q[n] * Bv;
+          ddl += q[n] * (p.A[d * N + n] * at * hprev + Bv * ut);
+          g.dA[d * N + n] += dl[t] * q[n] * at * hprev;
+          anext[n] = at;
+        }
+        g.du[row + t] = Dv * gt + dl[t] * dus;
+        const double dd = s.softplus ? ddl * sigmoid(x[t]) : ddl;
+        g.ddelta[row + t] = dd;
+        g.dbias[d] += dd;
+        g.dD[d] += gt * ut;
+      }
+    }
+  }
+  return g;
+}
+
+template <typename T>
+constexpr DType dtype_of() {
+  return sizeof(T) == 4 ? DType::Float32 : DType::Float64;
+}
+
+template <typename T>
+std::vector<T> cast(const std::vector<double>& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+// Runs the CPU kernels in precision T; outputs are pre-filled with NaN.
+template <typename T>
+Grads run_cpu(const Problem& p) {
+  const Shape& s = p.s;
+  const int64_t KD = s.channels(), L = s.length, N = s.dstate, Bn = s.batch, K = s.groups;
+  auto u = cast<T>(p.u), delta = cast<T>(p.delta), A = cast<T>(p.A), B = cast<T>(p.B),
+       C = cast<T>(p.C), D = cast<T>(p.D), bias = cast<T>(p.bias), dy = cast<T>(p.dy);
+  const DType dt = dtype_of<T>();
+  const TensorView vu(u.data(), dt, {Bn, KD, L}), vdelta(delta.data(), dt, {Bn, KD, L}),
+      vA(A.data(), dt, {KD, N}), vB(B.data(), dt, {Bn, K, N, L}), vC(C.data(), dt, {Bn, K, N, L}),
+      vdy(dy.data(), dt, {Bn, KD, L});
+  const TensorView vD = s.with_D ? TensorView(D.data(), dt, {KD}) : TensorView();
+  const TensorView vbias = s.with_bias ? TensorView(bias.data(), dt, {KD}) : TensorView();
+  const T nan = std::nan("");
+  std::vector<T> y(u.size(), nan), du(u.size(), nan), ddelta(u.size(), nan), dA(A.size(), nan),
+      dB(B.size(), nan), dC(C.size(), nan), dD(KD, nan), dbias(KD, nan);
+  const auto params = selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, s.softplus);
+  selective_scan_fwd_cpu(params, vu, vdelta, vA, vB, vC, vD, vbias, TensorView(y.data(), dt, {Bn, KD, L}));
+  selective_scan_bwd_cpu(params, vu, vdelta, vA, vB, vC, vD, vbias, vdy,
+                         TensorView(du.data(), dt, {Bn, KD, L}), TensorView(ddelta.data(), dt, {Bn, KD, L}),
+                         TensorView(dA.data(), dt, {KD, N}), TensorView(dB.data(), dt, {Bn, K, N, L}),
+                         TensorView(dC.data(), dt, {Bn, K, N, L}), TensorView(dD.data(), dt, {KD}),
+                         TensorView(dbias.data(), dt, {KD}));
+  auto back = [](const std::vector<T>& v) { return std::vector<double>(v.begin(), v.end()); };
+  return Grads{back(y), back(du), back(ddelta), back(dA), back(dB), back(dC), back(dD), back(dbias)};
+}
+
+// |a - e| <= atol * max|e| + rtol * |e| elementwise; NaN fails.
+void expect_close(const std::vector<double>& actual, const std::vector<double>& expected,
+                  const std::string& what, double rtol, double atol) {
+  ASSERT_EQ(actual.size(), expected.size()) << what;
+  double scale = 1e-30;
+  for (double e : expected) scale = std::max(scale, std::fabs(e));
+  for (size_t i = 0; i < actual.size(); ++i) {
+    const double err = std::fabs(actual[i] - expected[i]);
+    ASSERT_TRUE(err <= atol * scale + rtol * std::fabs(expected[i]))
+        << what << " index " << i << ": got " << actual[i] << ", expected " << expected[i]
+        << " (err " << err << ", scale " << scale << ")";
+  }
+}
+
+void expect_grads(const Grads& a, const Grads& e, const Shape& s, const std::string& tag, double rtol,
+                  double atol) {
+  const std::string where = tag + " " + s.str();
+  expect_close(a.y, e.y, "y " + where, rtol, atol);
+  expect_close(a.du, e.du, "du " + where, rtol, atol);
+  expect_close(a.ddelta, e.ddelta, "ddelta " + where, rtol, atol);
+  expect_close(a.dA, e.dA, "dA " + where, rtol, atol);
+  expect_close(a.dB, e.dB, "dB " + where, rtol, atol);
+  expect_close(a.dC, e.dC, "dC " + where, rtol, atol);
+  expect_close(a.dD, e.dD, "dD " + where, rtol, atol);
+  expect_close(a.dbias, e.dbias, "dbias " + where, rtol, atol);
+}
+
+const std::vector<Shape> kShapes = {
+    {1, 1, 1, 1, 1, true, true, true},     {2, 2, 3, 4, 63, false, true, true},
+    {1, 4, 9, 16, 64, true, false, false}, {2, 1, 8, 1, 65, true, true, true},
+    {1, 2, 16, 2, 129, false, false, true}, {3, 2, 5, 1, 200, true, true, false},
+    {1, 1, 17, 3, 128, true, true, true},
+};
+
+}  // namespace
+
+TEST(SelectiveScanCpu, HandComputedShortSequences) {
+  // One channel, N = 1, no softplus: dl = delta, a_t = exp(dl_t A), h_t = a_t h_{t-1} + dl_t u_t B_t.
+  const double u[3] = {1.0, -2.0, 0.5}, delta[3] = {0.5, 0.25, 1.0}, Bv[3] = {2.0, 1.0, -1.0},
+               Cv[3] = {1.0, 3.0, 2.0};
+  const double A = -1.0, Dskip = 0.5;
+  for (int64_t L = 1; L <= 3; ++L) {
+    double h = 0.0, expected[3];
+    for (int t = 0; t < L; ++t) {
+      h = std::exp(delta[t] * A) * h + delta[t] * u[t] * Bv[t];
+      expected[t] = Cv[t] * h + Dskip * u[t];
+    }
+    // Written out for L = 2: h0 = 0.5*1*2 = 1, y0 = 1 + 0.5 = 1.5;
+    // h1 = exp(-0.25) + 0.25*(-2)*1, y1 = 3 h1 - 1.
+    if (L >= 2) {
+      EXPECT_NEAR(expected[0], 1.5, 1e-15);
+      EXPECT_NEAR(expected[1], 3.0 * (std::exp(-0.25) - 0.5) - 1.0, 1e-15);
+    }
+    std::vector<double> vu(u, u + L), vdelta(delta, delta + L), vB(Bv, Bv + L), vC(Cv, Cv + L);
+    std::vector<double> vA{A}, vD{Dskip}, y(L, std::nan(""));
+    const TensorView tu(vu.data(), DType::Float64, {1, 1, L}), tdelta(vdelta.data(), DType::Float64, {1, 1, L}),
+        tA(vA.data(), DType::Float64, {1, 1}), tB(vB.data(), DType::Float64, {1, 1, 1, L}),
+        tC(vC.data(), DType::Float64, {1, 1, 1, L}), tD(vD.data(), DType::Float64, {1});
+    const auto p = selective_scan_params(tu, tdelta, tA, tB, tC, tD, TensorView(), false);
+    selective_scan_fwd_cpu(p, tu, tdelta, tA, tB, tC, tD, TensorView(),
+                           TensorView(y.data(), DType::Float64, {1, 1, L}));
+    for (int t = 0; t < L; ++t) EXPECT_NEAR(y[t], expected[t], 1e-14) << "L=" << L << " t=" << t;
+  }
+}
+
+TEST(SelectiveScanCpu, MatchesNaiveLoopDouble) {
+  uint32_t seed = 1;
+  for (const Shape& s : kShapes) {
+    const Problem p = make_problem(s, seed++);
+    expect_grads(run_cpu<double>(p), naive(p), s, "double", 1e-10, 1e-10);
+  }
+}
+
+TEST(SelectiveScanCpu, MatchesNaiveLoopFloat) {
+  uint32_t seed = 100;
+  for (const Shape& s : kShapes) {
+    const Problem p = make_problem(s, seed++);
+    expect_grads(run_cpu<float>(p), naive(p), s, "float", 1e-4, 1e-5);
+  }
+}
+
+TEST(SelectiveScanCpu, RejectsBadShapes) {
+  std::vector<float> buf(64, 0.f);
+  const TensorView u(buf.data(), DType::Float32, {1, 4, 2}), A(buf.data(), DType::Float32, {4, 1}),
+      B(buf.data(), DType::Float32, {1, 3, 1, 2}), Abig(buf.data(), DType::Float32, {4, 17});
+  EXPECT_THROW(selective_scan_params(u, u, A, B, B, TensorView(), TensorView(), true), Error);  // K = 3
+  const TensorView B2(buf.data(), DType::Float32, {1, 2, 17, 2});
+  EXPECT_THROW(selective_scan_params(u, u, Abig, B2, B2, TensorView(), TensorView(), true), Error);
+  const TensorView Ad(buf.data(), DType::Float64, {4, 1}), Bok(buf.data(), DType::Float32, {1, 2, 1, 2});
+  EXPECT_THROW(selective_scan_params(u, u, Ad, Bok, Bok, TensorView(), TensorView(), true), Error);
+  EXPECT_NO_THROW(selective_scan_params(u, u, A, Bok, Bok, TensorView(), TensorView(), true));
+}
+
+#if defined(QUADMAMBA_WITH_CUDA)
+namespace {
+
+struct DeviceBuffer {
+  float* ptr = nullptr;
+  explicit DeviceBuffer(const std::vector<float>& host) {
+    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(host.size(), 1) * sizeof(float)), cudaSuccess);
+    if (!host.empty())
+      EXPECT_EQ(cudaMemcpy(ptr, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  std::vector<double> get(size_t n) const {
+    std::vector<float> host(n);
+    EXPECT_EQ(cudaMemcpy(host.data(), ptr, n * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+    return std::vector<double>(host.begin(), host.end());
+  }
+};
+
+TensorView dview(const DeviceBuffer& b, std::initializer_list<int64_t> shape) {
+  TensorView v(b.ptr, DType::Float32, shape, Device{0});
+  return v;
+}
+
+Grads run_cuda(const Problem& p) {
+  const Shape& s = p.s;
+  const int64_t KD = s.channels(), L = s.length, N = s.dstate, Bn = s.batch, K = s.groups;
+  const size_t rows = p.u.size();
+  DeviceBuffer u(cast<float>(p.u)), delta(cast<float>(p.delta)), A(cast<float>(p.A)),
+      B(cast<float>(p.B)), C(cast<float>(p.C)), D(cast<float>(p.D)), bias(cast<float>(p.bias)),
+      dy(cast<float>(p.dy));
+  const std::vector<float> nan_rows(rows, std::nanf("")), zero_bc(p.B.size(), 0.f), zero_a(p.A.size(), 0.f),
+      zero_kd(KD, 0.f);
+  DeviceBuffer y(nan_rows), du(nan_rows), ddelta(nan_rows), dA(zero_a), dB(zero_bc), dC(zero_bc), dD(zero_kd),
+      dbias(zero_kd);
+  const int64_t chunks = (L + selective_scan_chunk_cuda() - 1) / selective_scan_chunk_cuda();
+  DeviceBuffer ws(std::vector<float>(Bn * KD * chunks * N, 0.f));
+  const TensorView vu = dview(u, {Bn, KD, L}), vdelta = dview(delta, {Bn, KD, L}), vA = dview(A, {KD, N}),
+                   vB = dview(B, {Bn, K, N, L}), vC = dview(C, {Bn, K, N, L}), vdy = dview(dy, {Bn, KD, L});
+  const TensorView vD = s.with_D ? dview(D, {KD}) : TensorView();
+  const TensorView vbias = s.with_bias ? dview(bias, {KD}) : TensorView();
+  auto params = selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, s.softplus);
+  selective_scan_fwd_cuda(params, vu, vdelta, vA, vB, vC, vD, vbias, dview(y, {Bn, KD, L}));
+  selective_scan_bwd_cuda(params, vu, vdelta, vA, vB, vC, vD, vbias, vdy, dview(du, {Bn, KD, L}),
+                          dview(ddelta, {Bn, KD, L}), dview(dA, {KD, N}), dview(dB, {Bn, K, N, L}),
+                          dview(dC, {Bn, K, N, L}), dview(dD, {KD}), dview(dbias, {KD}),
+                          dview(ws, {Bn, KD, chunks, N}));
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  return Grads{y.get(rows), du.get(rows), ddelta.get(rows), dA.get(p.A.size()), dB.get(p.B.size()),
+               dC.get(p.C.size()), dD.get(KD), dbias.get(KD)};
+}
+
+}  // namespace
+
+TEST(SelectiveScanCuda, MatchesCpu) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::vector<Shape> shapes = kShapes;
+  // Chunk boundaries of the CUDA kernels (1024 backward, 2048 forward) and a longer sequence.
+  shapes.push_back({1, 2, 3, 1, 1025, true, true, true});
+  shapes.push_back({2, 1, 2, 4, 2049, true, true, true});
+  shapes.push_back({1, 2, 2, 1, 5000, true, true, true});
+  uint32_t seed = 500;
+  for (const Shape& s : shapes) {
+    const Problem p = make_problem(s, seed++);
+    expect_grads(run_cuda(p), run_cpu<double>(p), s, "cuda", 1e-4, 1e-5);
+  }
+}
+#else
+TEST(SelectiveScanCuda, MatchesCpu) { GTEST_SKIP() << "built without CUDA kernels"; }
+#endif
