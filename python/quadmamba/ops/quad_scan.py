@@ -49,7 +49,7 @@ def _check_tensor(t, name: str, ndim: int, shape_doc: str) -> None:
         raise ValueError(f"{name} must have {ndim} dims {shape_doc}, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-    if t.device.type not in ("cpu", "cuda"):
+    if t.device.type not in ("cpu", "cuda", "meta"):  # meta: shape-only runs (FLOP counting)
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
 
 
@@ -83,8 +83,8 @@ def _check_decision(decision, batch: int, device: torch.device) -> None:
         raise ValueError(f"decision must have shape (B, 4) = ({batch}, 4), got {tuple(decision.shape)}")
     if decision.device != device:
         raise ValueError(f"decision must be on the data's device {device}, got {decision.device}")
-    if torch.compiler.is_compiling():
-        return  # a value check would break the graph; compiled callers own their inputs
+    if torch.compiler.is_compiling() or decision.device.type == "meta":
+        return  # a value check would break the graph (or has no values); callers own their inputs
     d = decision.detach()
     binary = bool(((d == 0) | (d == 1)).all())
     if not binary or not bool((d.sum(dim=1) == 1).all()):
