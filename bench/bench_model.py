@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import quadmamba  # noqa: E402
-from quadmamba.layers import missing_fused_ops  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -89,9 +88,6 @@ def main(argv=None) -> None:
         if name not in quadmamba.list_models():
             parser.error(f"unknown variant {name!r}; valid: {quadmamba.list_models()}")
     kernels = list(args.kernels)
-    if "fused" in kernels and missing_fused_ops():
-        print(f"note: fused kernels unavailable (quadmamba.ops lacks {missing_fused_ops()}); reference only")
-        kernels.remove("fused")
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import quadmamba
-from quadmamba.layers import QuadSS2D, get_ops, missing_fused_ops, quadrant_logits
+from quadmamba.layers import QuadSS2D, get_ops, quadrant_logits
 from quadmamba.models import QuadMamba, QuadMambaConfig, create_model, get_config, shift_schedule
 
 # variant -> (classifier params, backbone params, GFLOPs@224), spec section 1
@@ -14,12 +14,7 @@ SPEC = {
     "quadmamba_s": (31_252_176, 30_484_520, 5.518),
     "quadmamba_b": (50_694_096, 49_926_440, 9.376),
 }
-MISSING_FUSED = missing_fused_ops()
-KERNEL_CASES = [
-    pytest.param("fused", marks=pytest.mark.skipif(
-        bool(MISSING_FUSED), reason=f"quadmamba.ops lacks {MISSING_FUSED} (fused kernels not built into this tree)")),
-    "reference",
-]
+KERNEL_CASES = ["fused", "reference"]
 
 
 def nano(**kw):
@@ -289,9 +284,6 @@ def test_config_round_trip_and_errors():
             nano(**kwargs)
     with pytest.raises(ValueError, match="unknown config fields"):
         get_config("quadmamba_nano", depth=3)
-    if MISSING_FUSED:
-        with pytest.raises(RuntimeError, match="reference"):
-            create_model("quadmamba_nano")
 
 
 def test_training_helpers():
@@ -362,7 +354,6 @@ def test_optional_integrations_are_lazy_and_safe():
     assert [o.shape[1] for o in dense(torch.randn(1, 3, 32, 32))] == [16, 128]
 
 
-@pytest.mark.skipif(bool(MISSING_FUSED), reason=f"quadmamba.ops lacks {MISSING_FUSED} (fused kernels not built into this tree)")
 @pytest.mark.parametrize("compat", ["paper", "official"])
 def test_fused_model_matches_reference_model(compat):
     torch.manual_seed(0)

@@ -28,13 +28,6 @@ class ScanOps:
     cross_merge: Callable
 
 
-def missing_fused_ops() -> list[str]:
-    """Names of the ops that quadmamba.ops does not provide (empty when the fused kernels exist)."""
-    import quadmamba.ops as ops
-
-    return [name for name in OP_NAMES if not hasattr(ops, name)]
-
-
 def get_ops(kernels: str) -> ScanOps:
     """The op table for ``kernels`` ("fused": quadmamba.ops, "reference": quadmamba.ops.reference)."""
     if kernels == "reference":
@@ -44,11 +37,5 @@ def get_ops(kernels: str) -> ScanOps:
     if kernels == "fused":
         import quadmamba.ops as ops
 
-        missing = missing_fused_ops()
-        if missing:
-            raise RuntimeError(
-                f"kernels='fused' needs quadmamba.ops.{{{', '.join(missing)}}}, which this build "
-                "does not provide; use kernels='reference' for the plain-PyTorch ops."
-            )
         return ScanOps(kernels, *(getattr(ops, name) for name in OP_NAMES))
     raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
