@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="variants table and the kernels of this install")
     p.add_argument("--img-size", type=int, default=224, help="input size for GFLOPs and shapes")
+    p.add_argument("--model", action="append", help="only this variant (repeatable; default all)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("ablation", help="train the same model with the quadtree scan and the raster scan",
@@ -278,8 +279,10 @@ def cmd_info(args) -> int:
     from quadmamba.info import format_variants, kernel_status, variant_rows
 
     check_img_size(args.img_size)
+    for name in args.model or ():
+        _check_model(name)
     print(f"quadmamba {quadmamba.__version__}")
-    for line in format_variants(variant_rows(args.img_size), args.img_size):
+    for line in format_variants(variant_rows(args.img_size, args.model), args.img_size):
         print(line)
     print()
     for line in kernel_status():
