@@ -15,6 +15,7 @@ so the result does not depend on the kernels in use.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ def _shape_only_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=
     return torch.empty_like(u)
 
 
-def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: int = None) -> float:
+def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: Optional[int] = None) -> float:
     """GFLOPs (multiply-adds, fvcore convention) of one forward pass at ``img_size``.
 
     The model is copied to the meta device (no memory, no compute); the original is untouched.

@@ -175,7 +175,7 @@ class QuadSS2D(_SSMBase):
         score = self.predictor(x)                                         # image frame
         if self.compat == "paper":
             score = torch.roll(score, shifts=shift, dims=(1, 2))          # scan frame
-        decision = self.decide(score)
+        decision = self.decide(score).to(x.dtype)
         xs = self.ops.quad_scan(x, decision, shift, self.order)          # shift, gather
         ys = self._scan_core(xs)
         y = self.ops.quad_merge(ys, decision, size, shift, self.order)   # scatter, unshift

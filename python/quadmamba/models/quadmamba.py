@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from quadmamba.layers.blocks import QuadVSSBlock, VSSBlock
 from quadmamba.layers.common import Downsample, GlobalAvgPool, Stem
 from quadmamba.layers.kernels import ScanOps, get_ops
-from quadmamba.layers.mixers import QuadSS2D, _SSMBase
+from quadmamba.layers.mixers import QuadSS2D
 from quadmamba.models.config import NUM_STAGES, QuadMambaConfig
 
 # Window-shift directions cycled over pairs of blocks (spec 3.5): (+,+), (-,-), (+,-), (-,+).

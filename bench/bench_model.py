@@ -1,0 +1,114 @@
+"""Model throughput: images/s for inference and for a training step, fused kernels next to
+the plain-PyTorch reference kernels, measured side by side in one run.
+
+    python bench/bench_model.py --variants t --batches 1 16 --device cpu
+    python bench/bench_model.py --variants li t s b --batches 1 16 --device cuda --img-size 224
+
+Columns: images/s per kernel set and the ratio fused / reference. A training step is
+forward + cross-entropy backward + SGD step in train mode (Gumbel decisions).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import quadmamba  # noqa: E402
+from quadmamba.layers import missing_fused_ops  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, warmup: int, iters: int, max_seconds: float) -> float:
+    """Median seconds per call after ``warmup`` calls; stops early after ``max_seconds``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times, start = [], time.perf_counter()
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def throughput(name: str, kernels: str, batch: int, mode: str, args, device: torch.device) -> float:
+    torch.manual_seed(0)
+    model = quadmamba.create_model(name, kernels=kernels).to(device)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(x)
+    else:
+        model.train()
+        target = torch.randint(0, 1000, (batch,), device=device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+            opt.step()
+    seconds = time_call(step, device, args.warmup, args.iters, args.max_seconds)
+    return batch / seconds
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["li", "t", "s", "b"],
+                        help="variants (li t s b nano)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument("--kernels", nargs="+", default=["fused", "reference"], choices=["fused", "reference"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time budget per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = [v if v.startswith("quadmamba_") else f"quadmamba_{v}" for v in args.variants]
+    for name in names:
+        if name not in quadmamba.list_models():
+            parser.error(f"unknown variant {name!r}; valid: {quadmamba.list_models()}")
+    kernels = list(args.kernels)
+    if "fused" in kernels and missing_fused_ops():
+        print(f"note: fused kernels unavailable (quadmamba.ops lacks {missing_fused_ops()}); reference only")
+        kernels.remove("fused")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+          + f", image {args.img_size}x{args.img_size}")
+    header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(f"{k + ' img/s':>18}" for k in kernels)
+    header += f"{'fused/ref':>11}" if len(kernels) == 2 else ""
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        for batch in args.batches:
+            for mode in args.modes:
+                rates = [throughput(name, k, batch, mode, args, device) for k in kernels]
+                line = f"{name:<16}{batch:>6} {mode:<6}" + "".join(f"{r:>18.2f}" for r in rates)
+                if len(rates) == 2:
+                    line += f"{rates[0] / rates[1]:>10.2f}x"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
