@@ -5,7 +5,8 @@ come from ``model.partition_maps`` (0..3 coarse quadrants, 4..7 the fine sub-win
 the selected quadrant, in the image frame after the block's roll is undone); a border is
 drawn wherever two neighbouring tokens have different ids, scaled by the stage's stride
 (input pixels per token), so rolled windows that wrap around the image edge come out right.
-The selected quadrant is tinted. A last panel shows the first block's locality score.
+The selected quadrant is tinted. A last panel shows the first block's locality score (log-probability of
+"local"), min-max scaled.
 """
 from __future__ import annotations
 
@@ -96,10 +97,13 @@ def draw_partitions(path: str, image: np.ndarray, maps: list, title: str, index:
     ax = axes[n]
     if n:
         score = maps[0].score[index].float().cpu().numpy()
-        im = ax.imshow(score, cmap="viridis", extent=(0, score.shape[1] * maps[0].stride,
-                                                      score.shape[0] * maps[0].stride, 0))
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        ax.set_title(f"stage {maps[0].stage} block {maps[0].block}\nlocality score", fontsize=9)
+        low, high = float(score.min()), float(score.max())
+        scaled = (score - low) / (high - low) if high > low else np.zeros_like(score)
+        im = ax.imshow(scaled, cmap="viridis", vmin=0, vmax=1,
+                       extent=(0, score.shape[1] * maps[0].stride, score.shape[0] * maps[0].stride, 0))
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, ticks=(0, 0.5, 1))
+        ax.set_title(f"stage {maps[0].stage} block {maps[0].block} locality score\n"
+                     f"(min-max scaled, spread {high - low:.2g})", fontsize=9)
     ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.96, bottom=0.02, top=0.78, wspace=0.08)
