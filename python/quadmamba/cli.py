@@ -46,7 +46,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, ablation: bool) -> None:
     p.add_argument("--model", help="variant name (default quadmamba_nano; see `quadmamba info`)")
     p.add_argument("--data", help="ImageFolder directory (class per sub-folder, or train/ and val/ "
                                   "sub-folders); default: scikit-learn's bundled digits")
-    p.add_argument("--epochs", type=_positive_int, help="epochs (default 12)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default 20)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 2e-3)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")

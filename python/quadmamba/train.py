@@ -58,7 +58,7 @@ class TrainConfig:
 
     model: str = "quadmamba_nano"
     data: str = "digits"
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5

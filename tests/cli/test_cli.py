@@ -168,22 +168,22 @@ def test_train_and_eval_on_an_image_folder(tmp_path, capsys, layout):
 # ---------------------------------------------------------------------------------------------
 # visualize / bench / info / ablation
 # ---------------------------------------------------------------------------------------------
-def test_visualize_sample_photo_and_other_resolution(trained_run, tmp_path):
+def test_visualize_sample_photo_and_other_resolution(trained_run, tmp_path, capsys):
     run, _ = trained_run
     out = tmp_path / "china.png"
-    proc = run_cli("visualize", "--checkpoint", run / "checkpoint.pt", "--sample", "china",
-                   "--kernels", "reference", "--output", out)
-    assert proc.returncode == 0, proc.stderr
-    assert "4 quadtree blocks" in proc.stdout, proc.stdout
+    code, stdout, err = run_main(capsys, "visualize", "--checkpoint", run / "checkpoint.pt", "--sample", "china",
+                                 "--kernels", "reference", "--output", out)
+    assert code == 0, err
+    assert "4 quadtree blocks" in stdout, stdout
     assert png_size(out) == figure_size(4) == (1500, 350)
     # an arbitrary RGB photo file at a resolution the model was not trained on
     photo = tmp_path / "photo.jpg"
     Image.fromarray((np.random.default_rng(1).random((90, 140, 3)) * 255).astype(np.uint8)).save(photo)
     out2 = tmp_path / "photo_vis.png"
-    proc = run_cli("visualize", "--checkpoint", run / "checkpoint.pt", "--image", photo, "--img-size", 64,
-                   "--kernels", "reference", "-o", out2)
-    assert proc.returncode == 0, proc.stderr
-    assert "at 64x64" not in proc.stderr and png_size(out2) == (1500, 350)
+    code, stdout, err = run_main(capsys, "visualize", "--checkpoint", run / "checkpoint.pt", "--image", photo,
+                                 "--img-size", 64, "--kernels", "reference", "-o", out2)
+    assert code == 0, err
+    assert png_size(out2) == (1500, 350)
 
 
 def test_window_borders_follow_window_ids():
@@ -217,18 +217,18 @@ def test_info_lists_variants_and_kernels(capsys):
     assert "fused ops" in out and "reference kernels" in out
 
 
-def test_ablation_trains_both_scans(tmp_path):
+def test_ablation_trains_both_scans(tmp_path, capsys):
     out = tmp_path / "abl"
-    proc = run_cli("ablation", *TINY, "--epochs", "1", "--output", out)
-    assert proc.returncode == 0, proc.stderr
+    code, stdout, err = run_main(capsys, "ablation", *TINY, "--epochs", 1, "--output", out)
+    assert code == 0, err
     for scan in ("quadtree", "raster"):
         assert (out / scan / "checkpoint.pt").is_file()
         assert load_checkpoint(str(out / scan / "checkpoint.pt"))["config"]["quad_scan"] == scan
-        assert re.search(rf"^{scan}\s+[\d.]+%", proc.stdout, re.M), proc.stdout
+        assert re.search(rf"^{scan}\s+[\d.]+%", stdout, re.M), stdout
     # the raster model has no partition to draw: clean error
-    proc = run_cli("visualize", "--checkpoint", out / "raster" / "checkpoint.pt", "--sample", "flower",
-                   "--kernels", "reference", "-o", tmp_path / "x.png")
-    assert_clean_error(proc, "raster")
+    assert_main_error(run_main(capsys, "visualize", "--checkpoint", out / "raster" / "checkpoint.pt", "--sample",
+                               "flower", "--kernels", "reference", "-o", tmp_path / "x.png"), "raster")
+    assert not (tmp_path / "x.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------
