@@ -55,6 +55,11 @@ def test_flops_scale_with_batch_and_do_not_touch_model():
     assert quadmamba.count_flops(model, img_size=64, batch_size=2) == pytest.approx(2 * one)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert next(model.parameters()).device.type == "cpu"
+    # backbone: no head (LN, pool, 128x1000 MACs; the bias add is not counted) but 4 out-norms
+    dense = quadmamba.count_flops(nano(features_only=True), img_size=64)
+    c, g = (16, 32, 64, 128), (16, 8, 4, 2)
+    extra = sum(5 * ci * gi * gi for ci, gi in zip(c, g)) - 5 * 128 * 4 - 128 * 4 - 128 * 1000
+    assert dense == pytest.approx(one + extra / 1e9, rel=1e-9), (dense, one, extra)
 
 
 @pytest.mark.parametrize("size", [(97, 131), (32, 32), (64, 48), (13, 9)])
