@@ -1,0 +1,33 @@
+"""Helpers for the command-line tests: run the command, check its errors."""
+import os
+import subprocess
+import sys
+
+PYTHON_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "python")
+
+# Tiny settings shared by the tests: a few batches of 32x32 digits on the reference ops.
+TINY = ["--kernels", "reference", "--epochs", "2", "--batch-size", "16", "--train-limit", "48",
+        "--test-limit", "32", "--img-size", "32"]
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    """Run ``python -m quadmamba ARGS`` in a fresh process; returns CompletedProcess."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.abspath(PYTHON_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("QUADMAMBA_TRACEBACK", None)
+    env["MPLBACKEND"] = "Agg"
+    return subprocess.run([sys.executable, "-m", "quadmamba", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def assert_clean_error(proc, *fragments):
+    """Exit status 1, exactly one line on stderr starting 'quadmamba: error:', no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, f"exit {proc.returncode}, stderr: {proc.stderr!r}"
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}: {proc.stderr!r}"
+    assert lines[0].startswith("quadmamba: error: "), lines[0]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+

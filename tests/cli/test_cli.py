@@ -1,0 +1,341 @@
+"""End-to-end tests of the quadmamba command on tiny settings (reference ops, 32x32 digits,
+a few batches): the files each command writes, exact resume, and clean errors."""
+import csv
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_testing import TINY, assert_clean_error, run_cli
+from quadmamba import cli
+from quadmamba.train import METRIC_COLUMNS, TrainConfig, evaluate_checkpoint, load_checkpoint, run_training
+from quadmamba.visualize import figure_size
+
+
+def read_metrics(run):
+    with open(run / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def png_size(path):
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG", img.format
+        return img.size
+
+
+def run_main(capsys, *args):
+    """cli.main in this process: (exit code, stdout, stderr)."""
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_main_error(result, *fragments):
+    code, out, err = result
+    lines = err.strip().splitlines()
+    assert code == 1, f"exit {code}, stderr {err!r}"
+    assert len(lines) == 1 and lines[0].startswith("quadmamba: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# train / eval
+# ---------------------------------------------------------------------------------------------
+def test_train_writes_checkpoint_metrics_and_curves(trained_run):
+    run, proc = trained_run
+    assert "held-out accuracy:" in proc.stdout, proc.stdout
+    columns, rows = read_metrics(run)
+    assert tuple(columns) == METRIC_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert 0.0 <= float(row["test_acc"]) <= 1.0 and float(row["images_per_s"]) > 0, row
+    # the cosine schedule decays within the run
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]), rows
+    assert png_size(run / "curves.png") == (1000, 400)
+    state = load_checkpoint(str(run / "checkpoint.pt"))
+    for key in ("model", "config", "optimizer", "scheduler", "epoch", "metrics", "ema", "rng", "data", "train"):
+        assert key in state, key
+    assert state["epoch"] == 2 and state["config"]["name"] == "quadmamba_nano"
+    assert state["config"]["in_chans"] == 1 and state["data"]["img_size"] == 32
+    assert len(state["metrics"]) == 2
+
+
+def test_eval_reproduces_logged_accuracy(trained_run, tmp_path):
+    run, _ = trained_run
+    _, rows = read_metrics(run)
+    logged = float(rows[-1]["test_acc"])
+    r = evaluate_checkpoint(str(run / "checkpoint.pt"), kernels="reference", test_limit=32)
+    assert r["count"] == 32 and r["top1"] == pytest.approx(logged, abs=1e-12), (r["top1"], logged)
+    assert r["top5"] >= r["top1"]
+    assert int(r["confusion"].sum()) == 32 and int(r["confusion"].trace()) == r["correct"]
+    out = tmp_path / "cm.png"
+    proc = run_cli("eval", "--checkpoint", run / "checkpoint.pt", "--kernels", "reference",
+                   "--test-limit", "32", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout).group(1))
+    assert top1 == pytest.approx(100 * logged, abs=0.005), (top1, logged)
+    assert png_size(out) == (700, 600)
+
+
+def test_resume_continues_exactly(trained_run, tmp_path):
+    """Interrupt a run after its first epoch, resume it from the command line: the final
+    weights and metrics equal those of the uninterrupted run (same settings)."""
+    reference_run, _ = trained_run
+    out = tmp_path / "interrupted"
+    cfg = TrainConfig(kernels="reference", epochs=2, batch_size=16, train_limit=48, test_limit=32, img_size=32)
+
+    def log(line):
+        if line.startswith("epoch   1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, str(out), log=log)
+    assert load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
+    proc = run_cli("train", "--resume", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming" in proc.stdout and "epoch   2/2" in proc.stdout, proc.stdout
+    resumed = load_checkpoint(str(out / "checkpoint.pt"))
+    straight = load_checkpoint(str(reference_run / "checkpoint.pt"))
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for name, value in straight["model"].items():
+        assert torch.equal(resumed["model"][name], value), \
+            f"{name}: max diff {(resumed['model'][name] - value).abs().max().item()}"
+    for a, b in zip(resumed["metrics"], straight["metrics"]):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+            assert a[key] == b[key], (key, a[key], b[key])
+    # resuming a finished run changes nothing and says so
+    before = (out / "checkpoint.pt").read_bytes()
+    proc = run_cli("train", "--resume", "--output", out)
+    assert proc.returncode == 0 and "already finished" in proc.stdout, proc.stdout + proc.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_train_with_ema_evaluates_the_averaged_weights(tmp_path, capsys):
+    out = tmp_path / "ema"
+    cfg = TrainConfig(kernels="reference", epochs=1, batch_size=16, train_limit=32, test_limit=16,
+                      img_size=32, ema_decay=0.9)
+    final = run_training(cfg, str(out), log=lambda line: None)
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["ema"] is not None
+    differs = [k for k in state["model"] if not torch.equal(state["model"][k], state["ema"][k])]
+    assert differs, "EMA weights equal the raw weights after training"
+    r = evaluate_checkpoint(str(out / "checkpoint.pt"), kernels="reference", test_limit=16)
+    assert r["top1"] == pytest.approx(final["test_acc"], abs=1e-12)
+
+
+def make_folder(root, layout="flat", n=6, size=20, corrupt=None):
+    """Two classes of synthetic photos: bright-left vs bright-right gradients (RGB PNG/JPEG)."""
+    rng = np.random.default_rng(0)
+    splits = {"flat": [root], "split": [root / "train", root / "val"]}[layout]
+    for split in splits:
+        for label, name in enumerate(("left", "right")):
+            folder = split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                ramp = np.linspace(0, 1, size)[None, :, None] * np.ones((size, size, 3))
+                img = ramp if label else ramp[:, ::-1]
+                img = np.clip(img + 0.1 * rng.standard_normal(img.shape), 0, 1)
+                ext = "png" if i % 2 else "jpg"
+                Image.fromarray((255 * img).astype(np.uint8)).save(folder / f"{i}.{ext}")
+    if corrupt is not None:
+        (root / corrupt).write_bytes(b"this is not an image")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_train_and_eval_on_an_image_folder(tmp_path, capsys, layout):
+    data = make_folder(tmp_path / "data", layout)
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "train", "--data", data, "--img-size", 32, "--epochs", 1,
+                                 "--batch-size", 4, "--kernels", "reference", "--output", out)
+    assert code == 0, err
+    assert "2 classes, 32x32x3" in stdout, stdout
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["data"]["classes"] == ["left", "right"] and state["config"]["in_chans"] == 3
+    code, stdout, err = run_main(capsys, "eval", "--checkpoint", out / "checkpoint.pt", "--data", data,
+                                 "--kernels", "reference")
+    assert code == 0, err
+    assert png_size(out / "confusion.png") == (700, 600)
+
+
+# ---------------------------------------------------------------------------------------------
+# visualize / bench / info / ablation
+# ---------------------------------------------------------------------------------------------
+def test_visualize_sample_photo_and_other_resolution(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    out = tmp_path / "china.png"
+    code, stdout, err = run_main(capsys, "visualize", "--checkpoint", run / "checkpoint.pt", "--sample", "china",
+                                 "--kernels", "reference", "--output", out)
+    assert code == 0, err
+    assert "4 quadtree blocks" in stdout, stdout
+    assert png_size(out) == figure_size(4) == (1500, 350)
+    # an arbitrary RGB photo file at a resolution the model was not trained on
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray((np.random.default_rng(1).random((90, 140, 3)) * 255).astype(np.uint8)).save(photo)
+    out2 = tmp_path / "photo_vis.png"
+    code, stdout, err = run_main(capsys, "visualize", "--checkpoint", run / "checkpoint.pt", "--image", photo,
+                                 "--img-size", 64, "--kernels", "reference", "-o", out2)
+    assert code == 0, err
+    assert png_size(out2) == (1500, 350)
+
+
+def test_window_borders_follow_window_ids():
+    from quadmamba.visualize import window_borders
+
+    ids = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 4, 5], [2, 2, 6, 7]])
+    coarse, fine = window_borders(ids, stride=4)
+    # coarse: 0|1 two vertical segments, 0/2 two horizontal, 2|4 none (touches fine) ...
+    assert sorted(coarse) == sorted([((8, 0), (8, 4)), ((8, 4), (8, 8)), ((0, 8), (4, 8)), ((4, 8), (8, 8))])
+    assert len(fine) == 2 + 2 + 2 + 2, fine   # 2|4,2|6 ; 4|5,6|7 ; 1/4,1/5 ; 4/6,5/7
+
+
+def test_bench_prints_both_kernel_sets(capsys):
+    code, out, err = run_main(capsys, "bench", "--model", "quadmamba_nano", "--batch-size", 2, "--img-size", 32,
+                              "--iters", 2, "--warmup", 1)
+    assert code == 0, err
+    ref = re.search(r"^reference\s+([\d.]+)\s+([\d.]+)\s+\d+$", out, re.M)
+    assert ref and float(ref.group(1)) > 0 and float(ref.group(2)) > 0, out
+    assert re.search(r"^fused\s+", out, re.M), out
+    assert "fused speed-up over reference:" in out
+
+
+def test_info_lists_variants_and_kernels(capsys):
+    import quadmamba
+
+    code, out, err = run_main(capsys, "info", "--model", "quadmamba_nano", "--model", "quadmamba_li")
+    assert code == 0, err
+    li = quadmamba.count_params(quadmamba.create_model("quadmamba_li", kernels="reference"))
+    assert f"{li:,}" in out and "56x56x48" in out and "7x7x384" in out, out
+    assert "0.821" in out, out
+    assert "fused ops" in out and "reference kernels" in out
+
+
+def test_ablation_trains_both_scans(tmp_path, capsys):
+    out = tmp_path / "abl"
+    code, stdout, err = run_main(capsys, "ablation", *TINY, "--epochs", 1, "--output", out)
+    assert code == 0, err
+    for scan in ("quadtree", "raster"):
+        assert (out / scan / "checkpoint.pt").is_file()
+        assert load_checkpoint(str(out / scan / "checkpoint.pt"))["config"]["quad_scan"] == scan
+        assert re.search(rf"^{scan}\s+[\d.]+%", stdout, re.M), stdout
+    # the raster model has no partition to draw: clean error
+    assert_main_error(run_main(capsys, "visualize", "--checkpoint", out / "raster" / "checkpoint.pt", "--sample",
+                               "flower", "--kernels", "reference", "-o", tmp_path / "x.png"), "raster")
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line on stderr, exit 1, nothing written
+# ---------------------------------------------------------------------------------------------
+def test_bad_input_subprocess_has_no_traceback(tmp_path):
+    """The same errors seen from a real process: exit 1, a single stderr line, no traceback."""
+    assert_clean_error(run_cli("train", "--data", tmp_path / "missing", "--kernels", "reference"),
+                       "data folder not found")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(256))
+    assert_clean_error(run_cli("eval", "--checkpoint", junk, "--kernels", "reference"), "not a quadmamba checkpoint")
+    assert_clean_error(run_cli("train", "--model", "quadmamba_xxl"), "unknown model")
+
+
+def test_bad_data_folders(tmp_path, capsys):
+    tiny = ["--img-size", 32, "--epochs", 1, "--kernels", "reference"]
+    (tmp_path / "empty").mkdir()
+    assert_main_error(run_main(capsys, "train", "--data", tmp_path / "empty", *tiny, "-o", tmp_path / "o1"),
+                      "no class sub-folders")
+    (tmp_path / "noimg" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "b").mkdir(parents=True)
+    assert_main_error(run_main(capsys, "train", "--data", tmp_path / "noimg", *tiny, "-o", tmp_path / "o2"),
+                      "no images")
+    bad = make_folder(tmp_path / "bad", corrupt="left/broken.png")
+    assert_main_error(run_main(capsys, "train", "--data", bad, *tiny, "-o", tmp_path / "o3"),
+                      "not a readable image", "broken.png")
+    assert_main_error(run_main(capsys, "train", "--data", tmp_path / "nope", *tiny), "data folder not found")
+    for o in ("o1", "o2", "o3"):
+        assert not (tmp_path / o / "checkpoint.pt").exists()
+
+
+def test_bad_images_and_sizes(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    ckpt = run / "checkpoint.pt"
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    assert_main_error(run_main(capsys, "visualize", "--checkpoint", ckpt, "--image", text, "--kernels", "reference",
+                               "-o", tmp_path / "v.png"), "not a readable image")
+    assert_main_error(run_main(capsys, "visualize", "--checkpoint", ckpt, "--image", tmp_path / "none.jpg",
+                               "--kernels", "reference", "-o", tmp_path / "v.png"), "image not found")
+    assert not (tmp_path / "v.png").exists()
+    for size in (16, 48):
+        assert_main_error(run_main(capsys, "train", "--img-size", size, "--kernels", "reference",
+                                   "-o", tmp_path / "s"), "--img-size", str(size))
+        assert_main_error(run_main(capsys, "visualize", "--checkpoint", ckpt, "--sample", "china",
+                                   "--img-size", size, "--kernels", "reference", "-o", tmp_path / "v.png"),
+                          "--img-size")
+    assert not (tmp_path / "s").exists()
+    assert_main_error(run_main(capsys, "bench", "--img-size", 8), "--img-size")
+    assert_main_error(run_main(capsys, "visualize", "--checkpoint", ckpt, "--sample", "moon",
+                               "--kernels", "reference", "-o", tmp_path / "v.png"), "--sample")
+
+
+def test_bad_checkpoints(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    ckpt = run / "checkpoint.pt"
+    ref = ["--kernels", "reference"]
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", tmp_path / "none.pt", *ref), "checkpoint not found")
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "epoch": 3}, other)
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", other, *ref), "not a quadmamba checkpoint")
+    # asked for another variant
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", ckpt, "--model", "quadmamba_li", *ref),
+                      "holds a quadmamba_nano model, not quadmamba_li")
+    assert_main_error(run_main(capsys, "visualize", "--checkpoint", ckpt, "--model", "quadmamba_t", "--sample",
+                               "china", "-o", tmp_path / "v.png", *ref), "not quadmamba_t")
+    # weights of another variant under this config
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["dims"] = [24, 48, 96, 192]
+    mixed = tmp_path / "mixed.pt"
+    torch.save(state, mixed)
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", mixed, *ref), "do not fit")
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", ckpt, "--model", "nano", *ref), "unknown model")
+
+
+def test_outputs_are_never_overwritten(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    before = (run / "checkpoint.pt").read_bytes()
+    metrics = (run / "metrics.csv").read_bytes()
+    assert_main_error(run_main(capsys, "train", *TINY, "--output", run), "already holds a checkpoint", "--force")
+    assert_main_error(run_main(capsys, "train", "--resume", "--epochs", 5, "--output", run), "--epochs")
+    assert_main_error(run_main(capsys, "train", "--resume", "--output", tmp_path / "fresh"), "no checkpoint.pt")
+    assert (run / "checkpoint.pt").read_bytes() == before and (run / "metrics.csv").read_bytes() == metrics
+    # unwritable: the output's parent is a file
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_main_error(run_main(capsys, "train", *TINY, "--output", blocker / "run"), "cannot write")
+    assert_main_error(run_main(capsys, "train", *TINY, "--output", blocker), "not a directory")
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", run / "checkpoint.pt", "--kernels", "reference",
+                               "--output", blocker / "cm.png"), "cannot write")
+    assert_main_error(run_main(capsys, "visualize", "--checkpoint", run / "checkpoint.pt", "--sample", "china",
+                               "--kernels", "reference", "--output", tmp_path), "is a directory")
+    assert blocker.read_text() == "x"
+
+
+def test_force_restarts_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--epochs", 1, "--train-limit", 16, "--test-limit", 16, "--output", out]
+    assert run_main(capsys, *args)[0] == 0
+    code, stdout, err = run_main(capsys, *args, "--force")
+    assert code == 0, err
+    assert load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--epochs", "0"])
+    assert info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
