@@ -47,16 +47,19 @@ def benchmark(name: str, *, batch_size: int, img_size: int, device: torch.device
               num_classes: int = 1000) -> Dict[str, dict]:
     """{kernels: {"ms": median ms per batch, "img_s": images/s, "runs": n} or {"error": why}}."""
     import quadmamba
-    from quadmamba.layers.kernels import missing_fused_ops
+    from quadmamba.train import check_kernels
 
     torch.manual_seed(0)
     reference = quadmamba.create_model(name, num_classes=num_classes, kernels="reference").to(device)
     x = torch.randn(batch_size, reference.config.in_chans, img_size, img_size, device=device)
     results: Dict[str, dict] = {}
     for kernels in ("fused", "reference"):
-        if kernels == "fused" and missing_fused_ops():
-            results[kernels] = {"error": f"not in this install (missing {', '.join(missing_fused_ops())})"}
-            continue
+        if kernels == "fused":
+            try:
+                check_kernels(kernels)
+            except ValueError as exc:
+                results[kernels] = {"error": str(exc)}
+                continue
         if kernels == "fused":
             model = quadmamba.create_model(name, num_classes=num_classes, kernels="fused").to(device)
             model.load_state_dict(reference.state_dict())

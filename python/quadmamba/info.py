@@ -37,10 +37,7 @@ def kernel_status() -> List[str]:
     """Lines describing the fused ops, the compiled core and CUDA."""
     import torch
 
-    from quadmamba.layers.kernels import missing_fused_ops
-
-    missing = missing_fused_ops()
-    lines = [f"fused ops (quadmamba.ops): {'available' if not missing else 'missing ' + ', '.join(missing)}"]
+    lines = []
     try:
         from quadmamba._backend import core
         core()

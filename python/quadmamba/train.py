@@ -117,16 +117,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_kernels(kernels: str) -> None:
-    """Fail early, with the fix, when the fused kernels are asked for but not built."""
-    from quadmamba.layers.kernels import KERNELS, missing_fused_ops
+    """Fail early, with the fix, when the fused kernels are asked for but the core is not built."""
+    from quadmamba._backend import core
+    from quadmamba.layers.kernels import KERNELS
 
     if kernels not in KERNELS:
         raise ValueError(f"--kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "fused":
-        missing = missing_fused_ops()
-        if missing:
-            raise ValueError(f"--kernels fused: this install lacks the fused ops ({', '.join(missing)}); "
-                             "build the compiled core or pass --kernels reference")
+        try:
+            core()
+        except ImportError as exc:
+            raise ValueError(f"--kernels fused: {str(exc).splitlines()[0]} "
+                             "(or pass --kernels reference for the plain-PyTorch ops)") from exc
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
