@@ -6,8 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-CPP_TESTS=(test_common test_selective_scan)
-BENCHES=(bench/bench_selective_scan.py)
+CPP_TESTS=(test_common test_selective_scan test_quadtree_index test_quad_scan)
+BENCHES=(bench/bench_selective_scan.py bench/bench_quad_scan.py bench/bench_model.py)
 status=0
 summary=()
 step() {  # step NAME COMMAND...: runs, records PASS/FAIL with the time taken
@@ -26,7 +26,7 @@ export CMAKE_ARGS="-DQUADMAMBA_CUDA=ON -DQUADMAMBA_TESTS=AUTO -DCMAKE_CUDA_ARCHI
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-8}
 step build pip install --no-build-isolation --no-deps -e . -v
 step cuda-available python -c "import quadmamba, sys; print('cuda_available', quadmamba.cuda_available()); sys.exit(0 if quadmamba.cuda_available() else 1)"
-step pytest-cuda python -m pytest -q -k cuda tests/ops
+step pytest-cuda python -m pytest -q -k cuda tests/ops tests/models
 
 test_dir=$(ls -d build/*/cpp_tests 2>/dev/null | head -n1)
 if [ -n "$test_dir" ]; then
