@@ -7,6 +7,10 @@
 // added to the row's double accumulators, stored per (b, d) in the workspace and summed
 // over d in order, so the result does not depend on threading.
 #include <algorithm>
+#include <type_traits>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <vector>
 
 #include "quadmamba/parallel.h"
@@ -55,54 +59,84 @@ void check_quad_args(const TensorView& raster, const char* raster_name, const Te
 
 namespace {
 
-// dst[0:n] (=|+=) coef * src[0:n], with coef == 1 as a plain copy.
+// One contiguous piece of a pass: o[0:n] = ca * a[0:n] + cb * b[0:n], a = the fine and
+// b = the coarse source, ca / cb their coefficients (both terms always, as in the formula:
+// M * fine + (1 - M) * coarse). Built once per (call, batch) from the runs, split where
+// either source or the destination wraps around the right edge, so each is contiguous.
 template <typename T>
-inline void axpy_run(T* dst, const T* src, int64_t n, T coef, bool accumulate) {
-  if (!accumulate) {
-    if (coef == T(1)) {
-      for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-    } else {
-      for (int64_t i = 0; i < n; ++i) dst[i] = coef * src[i];
+struct Piece {
+  int64_t o, f, c, n;  // offsets of the destination and of the fine / coarse source
+  T cf, cc;
+  int qf, qc;  // quadrants of the fine / coarse term (decision gradient)
+};
+
+// What a pass adds to the decision gradient while it writes a piece:
+//   None:    nothing;
+//   Gather:  acc[qf] += sum a[i] * s[i],  acc[qc] -= sum b[i] * s[i]  (s: the folded sequence at o);
+//   Scatter: acc[qf] += sum s[i] * (a[i] - b[i])                       (s: the raster row aux at o).
+enum class Grad { None, Gather, Scatter };
+
+// Vector width in elements (16 bytes).
+template <typename T>
+constexpr int64_t kLanes = 16 / sizeof(T);
+
+// Per-piece sums: lane k sums the terms with index i = k (mod K) in a fixed order (at most
+// W/4 terms in T), then each lane is added to the row's double accumulator of its quadrant.
+template <typename T, Grad G>
+inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restrict b, const T* __restrict s,
+                       int64_t n, T ca, T cb, double* acc_a, double* acc_b) {  // acc_a may be acc_b
+  constexpr int64_t K = kLanes<T>;
+  T sa[K] = {}, sb[K] = {};
+  int64_t i = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= K) {
+      // full chunks, then one overlapping last chunk: its writes repeat equal values, its
+      // sums keep only the lanes past the previous chunk.
+      alignas(16) static const uint32_t tail_mask[8] = {0, 0, 0, 0, ~0u, ~0u, ~0u, ~0u};
+      const __m128 va = _mm_set1_ps(ca), vb = _mm_set1_ps(cb);
+      __m128 ta = _mm_setzero_ps(), tb = _mm_setzero_ps();
+      for (;; i += K) {
+        __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(-1));
+        if (i + K > n) {
+          keep = _mm_loadu_ps(reinterpret_cast<const float*>(tail_mask) + (n - i));
+          i = n - K;
+        }
+        const __m128 xa = _mm_loadu_ps(a + i), xb = _mm_loadu_ps(b + i);
+        _mm_storeu_ps(o + i, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
+        if constexpr (G == Grad::Gather) {
+          const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + i));
+          ta = _mm_add_ps(ta, _mm_mul_ps(xa, xs));
+          tb = _mm_add_ps(tb, _mm_mul_ps(xb, xs));
+        } else if constexpr (G == Grad::Scatter) {
+          const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + i));
+          ta = _mm_add_ps(ta, _mm_mul_ps(xs, _mm_sub_ps(xa, xb)));
+        }
+        if (i + K == n) break;
+      }
+      _mm_storeu_ps(sa, ta);
+      _mm_storeu_ps(sb, tb);
+      i = n;
     }
-  } else if (coef == T(1)) {
-    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] += coef * src[i];
   }
-}
-
-// Calls fn(offset_in_run, column, length) for the (at most two) contiguous pieces of
-// the run of n columns starting at column x0 of a row of width W that wraps around.
-template <typename F>
-inline void for_pieces(int64_t x0, int64_t n, int64_t W, const F& fn) {
-  const int64_t first = std::min(n, W - x0);
-  fn(int64_t{0}, x0, first);
-  if (first < n) fn(first, int64_t{0}, n - first);
-}
-
-// Sums of one run (at most W/4 terms) in T with a fixed vectorised order, added to the
-// row's double accumulators by the callers.
-#if defined(QUADMAMBA_WITH_OPENMP)
-#define QM_SIMD_SUM _Pragma("omp simd reduction(+ : s)")
-#else
-#define QM_SIMD_SUM
 #endif
-
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-  QM_SIMD_SUM
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// sum_i a[i] * (b[i] - c[i]).
-template <typename T>
-inline T dot_diff(const T* a, const T* b, const T* c, int64_t n) {
-  T s = 0;
-  QM_SIMD_SUM
-  for (int64_t i = 0; i < n; ++i) s += a[i] * (b[i] - c[i]);
-  return s;
+  for (; i < n; ++i) {
+    o[i] = ca * a[i] + cb * b[i];
+    if constexpr (G == Grad::Gather) {
+      sa[i % K] += a[i] * s[i];
+      sb[i % K] += b[i] * s[i];
+    } else if constexpr (G == Grad::Scatter) {
+      sa[i % K] += s[i] * (a[i] - b[i]);
+    }
+  }
+  if constexpr (G == Grad::Gather) {
+    for (int64_t k = 0; k < K; ++k) {
+      acc_a[k] += static_cast<double>(sa[k]);
+      acc_b[k] -= static_cast<double>(sb[k]);
+    }
+  } else if constexpr (G == Grad::Scatter) {
+    for (int64_t k = 0; k < K; ++k) acc_a[k] += static_cast<double>(sa[k]);
+  }
 }
 
 // S[p] = s0[p] + s1[L-1-p].
@@ -148,69 +182,98 @@ std::vector<ScatterRun> scatter_runs(const QuadGeometry& g) {
   return runs;
 }
 
-// Gather pass for one (b, d) row: out0/out1 from the raster row src (quad_scan_fwd),
-// and when aux0 is given, dm[q] += the gather form of the decision gradient with
-// S = aux0 + reverse(aux1) (quad_merge_bwd).
+// Gather pieces for one batch's decision: destination slots o, fine / coarse raster cells
+// f / c; each run split where either source wraps around the right edge.
 template <typename T>
-void gather_row(const QuadGeometry& g, const std::vector<GatherRun>& runs, const T* src, const T* dec,
-                T* out0, T* out1, const T* aux0, const T* aux1, T* S, double* dm) {
-  const int64_t W = g.W, L = g.L(), R = g.run();
-  if (aux0) fold_directions(aux0, aux1, L, S);
+std::vector<Piece<T>> gather_pieces(const QuadGeometry& g, const std::vector<GatherRun>& runs, const T* dec) {
+  const int64_t W = g.W, R = g.run();
+  std::vector<Piece<T>> pieces;
   for (const GatherRun& run : runs) {
-    const T* row_f = src + run.row_f;
-    const T* row_c = src + run.row_c;
-    const T cf = dec[run.q_f], cc = T(1) - dec[run.q_c];
-    T* o = out0 + run.p0;
-    bool written = false;
-    if (cf != T(0)) {
-      for_pieces(run.col_f, R, W, [&](int64_t i, int64_t col, int64_t n) { axpy_run(o + i, row_f + col, n, cf, false); });
-      written = true;
-    }
-    if (cc != T(0)) {
-      for_pieces(run.col_c, R, W, [&](int64_t i, int64_t col, int64_t n) { axpy_run(o + i, row_c + col, n, cc, written); });
-      written = true;
-    }
-    if (!written) std::fill(o, o + R, T(0));
-    if (aux0) {
-      // dM[Q(f(p))] += src[f(p)] * S[p];  dM[Q(c(p))] -= src[c(p)] * S[p].
-      const T* s = S + run.p0;
-      for_pieces(run.col_f, R, W, [&](int64_t i, int64_t col, int64_t n) { dm[run.q_f] += dot(row_f + col, s + i, n); });
-      for_pieces(run.col_c, R, W, [&](int64_t i, int64_t col, int64_t n) { dm[run.q_c] -= dot(row_c + col, s + i, n); });
+    const int64_t cuts[4] = {0, std::min(R, W - run.col_f), std::min(R, W - run.col_c), R};
+    const int64_t lo = std::min(cuts[1], cuts[2]), hi = std::max(cuts[1], cuts[2]);
+    const int64_t bounds[4] = {0, lo, hi, R};
+    for (int k = 0; k < 3; ++k) {
+      const int64_t i = bounds[k], n = bounds[k + 1] - i;
+      if (n <= 0) continue;
+      Piece<T> p{};
+      p.o = run.p0 + i;
+      p.f = run.row_f + wrap_index(run.col_f + i, W);
+      p.c = run.row_c + wrap_index(run.col_c + i, W);
+      p.n = n;
+      p.qf = run.q_f;
+      p.qc = run.q_c;
+      p.cf = dec[run.q_f];
+      p.cc = T(1) - dec[run.q_c];
+      pieces.push_back(p);
     }
   }
-  for (int64_t p = 0; p < L; ++p) out1[p] = out0[L - 1 - p];
+  return pieces;
+}
+
+// Scatter pieces for one batch's decision: destination raster cells o, fine / coarse slots
+// f / c of the folded sequence; each run split where the destination wraps.
+template <typename T>
+std::vector<Piece<T>> scatter_pieces(const QuadGeometry& g, const std::vector<ScatterRun>& runs, const T* dec) {
+  const int64_t W = g.W, R = g.run();
+  std::vector<Piece<T>> pieces;
+  for (const ScatterRun& run : runs) {
+    const int64_t first = std::min(R, W - run.col);
+    for (int k = 0; k < 2; ++k) {
+      const int64_t i = k ? first : 0, n = k ? R - first : first;
+      if (n <= 0) continue;
+      Piece<T> p{};
+      p.o = run.row + wrap_index(run.col + i, W);
+      p.f = run.p_f + i;
+      p.c = run.p_c + i;
+      p.n = n;
+      p.qf = p.qc = run.q;
+      p.cf = dec[run.q];
+      p.cc = T(1) - dec[run.q];
+      pieces.push_back(p);
+    }
+  }
+  return pieces;
+}
+
+// Gather pass for one (b, d) row: out0/out1 from the raster row src (quad_scan_fwd),
+// and when aux0 is given, dm[q] += the gather form of the decision gradient with
+// S = aux0 + reverse(aux1) (quad_merge_bwd):
+//   dM[Q(f(p))] += src[f(p)] * S[p];  dM[Q(c(p))] -= src[c(p)] * S[p].
+template <typename T>
+void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restrict src, T* __restrict out0,
+                T* __restrict out1, const T* aux0, const T* aux1, T* __restrict S, double* dm) {
+  constexpr int64_t K = kLanes<T>;
+  if (aux0) {
+    fold_directions(aux0, aux1, L, S);
+    double acc[4][K] = {};
+    for (const Piece<T>& p : pieces)
+      piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, S + p.o, p.n, p.cf, p.cc, acc[p.qf], acc[p.qc]);
+    for (int q = 0; q < 4; ++q)
+      for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
+  } else {
+    for (const Piece<T>& p : pieces)
+      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
+  }
+  for (int64_t q = 0; q < L; ++q) out1[q] = out0[L - 1 - q];
 }
 
 // Scatter pass for one (b, d) row: the raster row dst from s0/s1 (quad_merge_fwd), and
 // when aux is given, dm[q] += the scatter form of the decision gradient with the raster
-// row aux (quad_scan_bwd).
+// row aux (quad_scan_bwd): dM[q] += sum_t aux[t] * (S[f^-1(t)] - S[c^-1(t)]).
 template <typename T>
-void scatter_row(const QuadGeometry& g, const std::vector<ScatterRun>& runs, const T* s0, const T* s1,
-                 const T* dec, T* dst, const T* aux, T* S, double* dm) {
-  const int64_t W = g.W, L = g.L(), R = g.run();
+void scatter_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* s0, const T* s1, T* __restrict dst,
+                 const T* __restrict aux, T* __restrict S, double* dm) {
+  constexpr int64_t K = kLanes<T>;
   fold_directions(s0, s1, L, S);
-  for (const ScatterRun& run : runs) {
-    T* row = dst + run.row;
-    const T* aux_row = aux ? aux + run.row : nullptr;
-    const T m = dec[run.q], cc = T(1) - m;
-    for_pieces(run.col, R, W, [&](int64_t i, int64_t c, int64_t n) {
-      const T* sf = S + run.p_f + i;
-      const T* sc = S + run.p_c + i;
-      bool written = false;
-      if (m != T(0)) {
-        axpy_run(row + c, sf, n, m, false);
-        written = true;
-      }
-      if (cc != T(0)) {
-        axpy_run(row + c, sc, n, cc, written);
-        written = true;
-      }
-      if (!written) std::fill(row + c, row + c + n, T(0));
-      if (aux_row) {
-        // dM[q] += sum_t aux[t] * (S[f^-1(t)] - S[c^-1(t)]).
-        dm[run.q] += dot_diff(aux_row + c, sf, sc, n);
-      }
-    });
+  if (aux) {
+    double acc[4][K] = {};
+    for (const Piece<T>& p : pieces)
+      piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, p.n, p.cf, p.cc, acc[p.qf], nullptr);
+    for (int q = 0; q < 4; ++q)
+      for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
+  } else {
+    for (const Piece<T>& p : pieces)
+      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
   }
 }
 
@@ -253,9 +316,11 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   T* o = out.ptr<T>();
   const T* a = aux.defined() ? aux.ptr<T>() : nullptr;
   const std::vector<GatherRun> runs = gather_runs(g);
+  std::vector<std::vector<Piece<T>>> pieces;
+  for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
   for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
     const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
-    gather_row<T>(g, runs, x + (b * D + d) * L, dec + b * 4, o + seq0, o + seq1, a ? a + seq0 : nullptr,
+    gather_row<T>(L, pieces[b], x + (b * D + d) * L, o + seq0, o + seq1, a ? a + seq0 : nullptr,
                   a ? a + seq1 : nullptr, S, dm);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
@@ -271,10 +336,12 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   T* y = dst.ptr<T>();
   const T* a = aux.defined() ? aux.ptr<T>() : nullptr;
   const std::vector<ScatterRun> runs = scatter_runs(g);
+  std::vector<std::vector<Piece<T>>> pieces;
+  for (int64_t b = 0; b < B; ++b) pieces.push_back(scatter_pieces<T>(g, runs, dec + b * 4));
   for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
     const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
     const int64_t r = (b * D + d) * L;
-    scatter_row<T>(g, runs, s + seq0, s + seq1, dec + b * 4, y + r, a ? a + r : nullptr, S, dm);
+    scatter_row<T>(L, pieces[b], s + seq0, s + seq1, y + r, a ? a + r : nullptr, S, dm);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }
