@@ -114,9 +114,16 @@ inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restri
         }
         if (i + K == n) break;
       }
-      _mm_storeu_ps(sa, ta);
-      _mm_storeu_ps(sb, tb);
-      i = n;
+      if constexpr (G != Grad::None) {
+        // lanes 0, 1 and 2, 3 widened to double and added to the accumulators
+        _mm_storeu_pd(acc_a, _mm_add_pd(_mm_loadu_pd(acc_a), _mm_cvtps_pd(ta)));
+        _mm_storeu_pd(acc_a + 2, _mm_add_pd(_mm_loadu_pd(acc_a + 2), _mm_cvtps_pd(_mm_movehl_ps(ta, ta))));
+      }
+      if constexpr (G == Grad::Gather) {
+        _mm_storeu_pd(acc_b, _mm_sub_pd(_mm_loadu_pd(acc_b), _mm_cvtps_pd(tb)));
+        _mm_storeu_pd(acc_b + 2, _mm_sub_pd(_mm_loadu_pd(acc_b + 2), _mm_cvtps_pd(_mm_movehl_ps(tb, tb))));
+      }
+      return;
     }
   }
 #endif
