@@ -72,7 +72,8 @@ struct Piece {
 
 // What a pass adds to the decision gradient while it writes a piece:
 //   None:    nothing;
-//   Gather:  acc[qf] += sum a[i] * s[i],  acc[qc] -= sum b[i] * s[i]  (s: the folded sequence at o);
+//   Gather:  acc[qf] += sum a[i] * S[i],  acc[qc] -= sum b[i] * S[i], with the folded sequence
+//            S[i] = s[i] + srev[-1 - i] read in place (s: aux0 at o, srev: aux1 at L - o);
 //   Scatter: acc[qf] += sum s[i] * (a[i] - b[i])                       (s: the raster row aux at o).
 enum class Grad { None, Gather, Scatter };
 
@@ -84,7 +85,7 @@ constexpr int64_t kLanes = 16 / sizeof(T);
 // W/4 terms in T), then each lane is added to the row's double accumulator of its quadrant.
 template <typename T, Grad G>
 inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restrict b, const T* __restrict s,
-                       int64_t n, T ca, T cb, double* acc_a, double* acc_b) {  // acc_a may be acc_b
+                       const T* __restrict srev, int64_t n, T ca, T cb, double* acc_a, double* acc_b) {  // acc_a may be acc_b
   constexpr int64_t K = kLanes<T>;
   T sa[K] = {}, sb[K] = {};
   int64_t i = 0;
@@ -105,7 +106,8 @@ inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restri
         const __m128 xa = _mm_loadu_ps(a + i), xb = _mm_loadu_ps(b + i);
         _mm_storeu_ps(o + i, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
         if constexpr (G == Grad::Gather) {
-          const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + i));
+          const __m128 r = _mm_loadu_ps(srev - i - K);
+          const __m128 xs = _mm_and_ps(keep, _mm_add_ps(_mm_loadu_ps(s + i), _mm_shuffle_ps(r, r, _MM_SHUFFLE(0, 1, 2, 3))));
           ta = _mm_add_ps(ta, _mm_mul_ps(xa, xs));
           tb = _mm_add_ps(tb, _mm_mul_ps(xb, xs));
         } else if constexpr (G == Grad::Scatter) {
@@ -130,8 +132,9 @@ inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restri
   for (; i < n; ++i) {
     o[i] = ca * a[i] + cb * b[i];
     if constexpr (G == Grad::Gather) {
-      sa[i % K] += a[i] * s[i];
-      sb[i % K] += b[i] * s[i];
+      const T si = s[i] + srev[-1 - i];
+      sa[i % K] += a[i] * si;
+      sb[i % K] += b[i] * si;
     } else if constexpr (G == Grad::Scatter) {
       sa[i % K] += s[i] * (a[i] - b[i]);
     }
@@ -248,18 +251,17 @@ std::vector<Piece<T>> scatter_pieces(const QuadGeometry& g, const std::vector<Sc
 //   dM[Q(f(p))] += src[f(p)] * S[p];  dM[Q(c(p))] -= src[c(p)] * S[p].
 template <typename T>
 void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restrict src, T* __restrict out0,
-                T* __restrict out1, const T* aux0, const T* aux1, T* __restrict S, double* dm) {
+                T* __restrict out1, const T* aux0, const T* aux1, double* dm) {
   constexpr int64_t K = kLanes<T>;
   if (aux0) {
-    fold_directions(aux0, aux1, L, S);
     double acc[4][K] = {};
     for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, S + p.o, p.n, p.cf, p.cc, acc[p.qf], acc[p.qc]);
+      piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o, aux1 + (L - p.o), p.n, p.cf, p.cc, acc[p.qf], acc[p.qc]);
     for (int q = 0; q < 4; ++q)
       for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
   } else {
     for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
+      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
   }
   for (int64_t q = 0; q < L; ++q) out1[q] = out0[L - 1 - q];
 }
@@ -275,12 +277,12 @@ void scatter_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* s0, co
   if (aux) {
     double acc[4][K] = {};
     for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, p.n, p.cf, p.cc, acc[p.qf], nullptr);
+      piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc, acc[p.qf], nullptr);
     for (int q = 0; q < 4; ++q)
       for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
   } else {
     for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
+      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
   }
 }
 
@@ -328,7 +330,7 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
     const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
     gather_row<T>(L, pieces[b], x + (b * D + d) * L, o + seq0, o + seq1, a ? a + seq0 : nullptr,
-                  a ? a + seq1 : nullptr, S, dm);
+                  a ? a + seq1 : nullptr, dm);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }
