@@ -327,7 +327,7 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   const std::vector<GatherRun> runs = gather_runs(g);
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
-  for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
+  for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* /*S*/, double* dm) {
     const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
     gather_row<T>(L, pieces[b], x + (b * D + d) * L, o + seq0, o + seq1, a ? a + seq0 : nullptr,
                   a ? a + seq1 : nullptr, dm);
