@@ -2,10 +2,14 @@
 //
 // Parallel over the (b, d) rows. Within a row the work goes in runs of w4 = W/4
 // consecutive slots: each run reads (gather) or writes (scatter) one contiguous row
-// segment of the grid, split in two where the roll wraps it around the right edge.
-// The decision gradient: each run's sum (at most W/4 terms, fixed vectorised order) is
-// added to the row's double accumulators, stored per (b, d) in the workspace and summed
-// over d in order, so the result does not depend on threading.
+// segment of the grid. Per call and batch the runs become a flat list of contiguous
+// pieces (split where a source or the destination wraps around the right edge) with
+// their coefficients M and 1 - M; each piece is one pass that writes
+// M * fine + (1 - M) * coarse (both terms always, as the formula) and, in the backward
+// passes, adds the decision gradient of the same elements while they are loaded.
+// The decision gradient: per piece, 4 lanes summed in the data type (fixed order, at
+// most W/4 terms), widened and added to the row's double accumulators, stored per (b, d)
+// in the workspace and summed over d in order, so the result does not depend on threading.
 #include <algorithm>
 #include <type_traits>
 #if defined(__SSE2__)
