@@ -94,9 +94,11 @@ class _SSMBase(nn.Module):
     def _scan_core(self, xs: torch.Tensor) -> torch.Tensor:
         """xs (B, K, D, L) -> ys (B, K, D, L) in xs's dtype; the scan itself runs in fp32."""
         batch, k, inner, length = xs.shape
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        # Batched matmuls laid out so that every output is already (B, K, rows, L)
+        # contiguous: no permuted copies of xs or of the (B, K, D, L) deltas.
+        x_dbl = torch.matmul(self.x_proj_weight, xs)                      # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)
+        dts = torch.matmul(self.dt_proj_weight, dts)                      # (B, K, D, L)
         ys = self.scan(
             xs.reshape(batch, k * inner, length), dts.reshape(batch, k * inner, length),
             -torch.exp(self.A_log.float()), Bs.contiguous(), Cs.contiguous(), self.Ds, self.dt_bias,
