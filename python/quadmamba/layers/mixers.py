@@ -171,7 +171,9 @@ class QuadSS2D(_SSMBase):
         if self.quad_scan == "raster":
             return self._project_out(self._raster(x))
         height0, width0 = x.shape[2], x.shape[3]
-        x = F.pad(x, (0, -width0 % 4, 0, -height0 % 4))                  # pad
+        pad_h, pad_w = -height0 % 4, -width0 % 4
+        if pad_h or pad_w:                                                # F.pad always copies
+            x = F.pad(x, (0, pad_w, 0, pad_h))                            # pad
         size = (x.shape[2], x.shape[3])
         shift = self.shift_amount(*size)
         score = self.predictor(x)                                         # image frame
