@@ -94,9 +94,11 @@ class _SSMBase(nn.Module):
     def _scan_core(self, xs: torch.Tensor) -> torch.Tensor:
         """xs (B, K, D, L) -> ys (B, K, D, L) in xs's dtype; the scan itself runs in fp32."""
         batch, k, inner, length = xs.shape
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        # Batched matmuls laid out so that every output is already (B, K, rows, L)
+        # contiguous: no permuted copies of xs or of the (B, K, D, L) deltas.
+        x_dbl = torch.matmul(self.x_proj_weight, xs)                      # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)
+        dts = torch.matmul(self.dt_proj_weight, dts)                      # (B, K, D, L)
         ys = self.scan(
             xs.reshape(batch, k * inner, length), dts.reshape(batch, k * inner, length),
             -torch.exp(self.A_log.float()), Bs.contiguous(), Cs.contiguous(), self.Ds, self.dt_bias,
@@ -169,7 +171,9 @@ class QuadSS2D(_SSMBase):
         if self.quad_scan == "raster":
             return self._project_out(self._raster(x))
         height0, width0 = x.shape[2], x.shape[3]
-        x = F.pad(x, (0, -width0 % 4, 0, -height0 % 4))                  # pad
+        pad_h, pad_w = -height0 % 4, -width0 % 4
+        if pad_h or pad_w:                                                # F.pad always copies
+            x = F.pad(x, (0, pad_w, 0, pad_h))                            # pad
         size = (x.shape[2], x.shape[3])
         shift = self.shift_amount(*size)
         score = self.predictor(x)                                         # image frame
