@@ -231,6 +231,8 @@ CASES = [
     (3, 4, 8, 20, (-7, 9), "official"),
     (1, 2, 16, 12, (0, 0), "official"),
     (2, 3, 4, 4, (2, -1), "quadtree"),
+    (1, 3, 8, 44, (3, -13), "quadtree"),  # runs of 11: several vector chunks with an overlapping tail
+    (2, 2, 8, 64, (-3, 21), "official"),  # runs of 16, split where the shift wraps
 ]
 
 
