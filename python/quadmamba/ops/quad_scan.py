@@ -159,22 +159,27 @@ def _(ys, decision, height, width, sy, sx, order):
     return ys.new_empty(batch, channels, height, width)
 
 
+def _fused_backward(kernel, grad: Tensor, saved: Tensor, raster_shape, decision: Tensor,
+                    sy: int, sx: int, order: str) -> tuple[Tensor, Tensor]:
+    """Runs one fused backward kernel (quad_scan_bwd or quad_merge_bwd): the gradient of `saved`
+    (the op's data input) from `grad`, and of the decision. raster_shape is (B, D, H, W)."""
+    batch, channels, height, width = raster_shape
+    data, g = _kernel_data(saved), _kernel_data(grad.to(saved.dtype))
+    dec = _kernel_decision(decision, data)
+    dsaved = torch.empty_like(data)
+    ddecision = torch.empty_like(dec)
+    workspace = dec.new_empty(batch, channels, 4)
+    kernel(view(data), view(dec), view(g), view(dsaved), view(ddecision), view(workspace),
+           height, width, sy, sx, order, stream(data))
+    return dsaved.to(saved.dtype), ddecision.to(decision.dtype)
+
+
 @torch.library.custom_op("quadmamba::quad_scan_bwd", mutates_args=())
 def _quad_scan_bwd(
     gout: Tensor, x: Tensor, decision: Tensor, sy: int, sx: int, order: str
 ) -> tuple[Tensor, Tensor]:
     """(dx, ddecision) of quad_scan: dx = quad_merge(gout), fused with the decision gradient."""
-    batch, channels, height, width = x.shape
-    data, g = _kernel_data(x), _kernel_data(gout.to(x.dtype))
-    dec = _kernel_decision(decision, data)
-    dx = torch.empty_like(data)
-    ddecision = torch.empty_like(dec)
-    workspace = dec.new_empty(batch, channels, 4)
-    core().quad_scan_bwd(
-        view(data), view(dec), view(g), view(dx), view(ddecision), view(workspace),
-        height, width, sy, sx, order, stream(data),
-    )
-    return dx.to(x.dtype), ddecision.to(decision.dtype)
+    return _fused_backward(core().quad_scan_bwd, gout, x, x.shape, decision, sy, sx, order)
 
 
 @_quad_scan_bwd.register_fake
@@ -187,17 +192,7 @@ def _quad_merge_bwd(
     gy: Tensor, ys: Tensor, decision: Tensor, sy: int, sx: int, order: str
 ) -> tuple[Tensor, Tensor]:
     """(dys, ddecision) of quad_merge: dys = quad_scan(gy), fused with the decision gradient."""
-    batch, channels, height, width = gy.shape
-    data, g = _kernel_data(ys), _kernel_data(gy.to(ys.dtype))
-    dec = _kernel_decision(decision, data)
-    dys = torch.empty_like(data)
-    ddecision = torch.empty_like(dec)
-    workspace = dec.new_empty(batch, channels, 4)
-    core().quad_merge_bwd(
-        view(data), view(dec), view(g), view(dys), view(ddecision), view(workspace),
-        height, width, sy, sx, order, stream(data),
-    )
-    return dys.to(ys.dtype), ddecision.to(decision.dtype)
+    return _fused_backward(core().quad_merge_bwd, gy, ys, gy.shape, decision, sy, sx, order)
 
 
 @_quad_merge_bwd.register_fake
