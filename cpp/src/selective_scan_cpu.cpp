@@ -5,8 +5,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "quadmamba/parallel.h"
@@ -55,9 +58,12 @@ struct LaneGroup {
 #pragma GCC pop_options
 #endif
 
+// The AVX2 kernels run when the CPU has AVX2 and FMA, unless the environment sets
+// QUADMAMBA_CPU_GENERIC=1 (read once; lets the tests run the generic kernels too).
 bool use_avx2() {
 #if defined(QM_SCAN_HAVE_AVX2)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         !(std::getenv("QUADMAMBA_CPU_GENERIC") && std::string(std::getenv("QUADMAMBA_CPU_GENERIC")) == "1");
   return ok;
 #else
   return false;
