@@ -167,6 +167,7 @@ class QuadMamba(nn.Module):
             self.out_norms = None
             self.head = ClassifierHead(cfg.dims[-1], cfg.num_classes)
         self.apply(init_weights)
+        channels_last_convs_(self)
 
     # -- features --------------------------------------------------------------------------
     def _stage_outputs(self, x: torch.Tensor, last: int):
@@ -286,6 +287,18 @@ class QuadMamba(nn.Module):
                 score=score[:, :height0, :width0],
                 windows=window_ids(decision, size, shift, (height0, width0))))
         return maps
+
+
+@torch.no_grad()
+def channels_last_convs_(model: nn.Module) -> None:
+    """Stores every Conv2d weight channels-last. The activations reach the convs
+    channels-last (permuted views of (B, H, W, C) maps), and a weight in the other layout
+    is reordered on every call; the stem's outputs then also come out channels-last, so
+    the LayerNorms after them read contiguous memory. Values are unchanged;
+    ``load_state_dict`` copies into these weights and keeps their layout."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
