@@ -385,3 +385,24 @@ def test_fused_model_matches_reference_model(compat, device):
         with torch.no_grad():
             torch.testing.assert_close(fused(x.to(device)).cpu(), ref(x), rtol=1e-4, atol=1e-5)
     assert quadmamba.count_flops(fused.cpu(), 224) == quadmamba.count_flops(ref, 224)
+
+
+def test_conv_weights_channels_last_and_layout_free_of_results():
+    torch.manual_seed(0)
+    model = nano().eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    # A plain contiguous state dict loads into the channels-last weights and keeps their layout.
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    other = nano().eval()
+    other.load_state_dict(state)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in other.modules() if isinstance(m, torch.nn.Conv2d))
+    # The same weights stored contiguously give the same outputs.
+    plain = nano().eval()
+    plain.load_state_dict(state)
+    for c in (m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)):
+        c.weight.data = c.weight.data.contiguous()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), plain(x), rtol=1e-5, atol=1e-5)
