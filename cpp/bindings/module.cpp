@@ -64,6 +64,14 @@ quadmamba::QuadGeometry quad_geometry(int64_t H, int64_t W, int64_t sy, int64_t 
 
 }  // namespace
 
+// The CUDA branch of an entry point: `call` in CUDA builds; in CPU-only builds the
+// no-CUDA error (the CUDA functions are not compiled there, so `call` must vanish).
+#if defined(QUADMAMBA_WITH_CUDA)
+#define QM_CUDA_OR_ERROR(op, call) call
+#else
+#define QM_CUDA_OR_ERROR(op, call) ((void)stream, no_cuda(op))
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "quadmamba core kernels (CPU and, when built, CUDA)";
   py::register_exception<quadmamba::Error>(m, "KernelError", PyExc_ValueError);
@@ -82,13 +90,9 @@ PYBIND11_MODULE(_C, m) {
                             int64_t sy, int64_t sx, const std::string& order, uintptr_t stream) {
     const auto g = quad_geometry(H, W, sy, sx, order);
     const TensorView xv = to_view(x, "x"), dv = to_view(decision, "decision"), ov = to_view(out, "out");
+    py::gil_scoped_release release;
     if (xv.device.is_cpu()) return quadmamba::quad_scan_fwd_cpu(xv, dv, ov, g);
-#if defined(QUADMAMBA_WITH_CUDA)
-    quadmamba::quad_scan_fwd_cuda(xv, dv, ov, g, to_stream(stream));
-#else
-    (void)stream;
-    no_cuda("quad_scan_fwd");
-#endif
+    QM_CUDA_OR_ERROR("quad_scan_fwd", quadmamba::quad_scan_fwd_cuda(xv, dv, ov, g, to_stream(stream)));
   });
   m.def("quad_scan_bwd", [](py::object x, py::object decision, py::object gout, py::object dx,
                             py::object ddecision, py::object workspace, int64_t H, int64_t W, int64_t sy,
@@ -97,25 +101,17 @@ PYBIND11_MODULE(_C, m) {
     const TensorView xv = to_view(x, "x"), dv = to_view(decision, "decision"), gv = to_view(gout, "gout"),
                      dxv = to_view(dx, "dx"), ddv = to_view(ddecision, "ddecision"),
                      wv = to_view(workspace, "workspace");
+    py::gil_scoped_release release;
     if (xv.device.is_cpu()) return quadmamba::quad_scan_bwd_cpu(xv, dv, gv, dxv, ddv, wv, g);
-#if defined(QUADMAMBA_WITH_CUDA)
-    quadmamba::quad_scan_bwd_cuda(xv, dv, gv, dxv, ddv, wv, g, to_stream(stream));
-#else
-    (void)stream;
-    no_cuda("quad_scan_bwd");
-#endif
+    QM_CUDA_OR_ERROR("quad_scan_bwd", quadmamba::quad_scan_bwd_cuda(xv, dv, gv, dxv, ddv, wv, g, to_stream(stream)));
   });
   m.def("quad_merge_fwd", [](py::object ys, py::object decision, py::object y, int64_t H, int64_t W,
                              int64_t sy, int64_t sx, const std::string& order, uintptr_t stream) {
     const auto g = quad_geometry(H, W, sy, sx, order);
     const TensorView sv = to_view(ys, "ys"), dv = to_view(decision, "decision"), yv = to_view(y, "y");
+    py::gil_scoped_release release;
     if (sv.device.is_cpu()) return quadmamba::quad_merge_fwd_cpu(sv, dv, yv, g);
-#if defined(QUADMAMBA_WITH_CUDA)
-    quadmamba::quad_merge_fwd_cuda(sv, dv, yv, g, to_stream(stream));
-#else
-    (void)stream;
-    no_cuda("quad_merge_fwd");
-#endif
+    QM_CUDA_OR_ERROR("quad_merge_fwd", quadmamba::quad_merge_fwd_cuda(sv, dv, yv, g, to_stream(stream)));
   });
   m.def("quad_merge_bwd", [](py::object ys, py::object decision, py::object gy, py::object dys,
                              py::object ddecision, py::object workspace, int64_t H, int64_t W, int64_t sy,
@@ -124,35 +120,23 @@ PYBIND11_MODULE(_C, m) {
     const TensorView sv = to_view(ys, "ys"), dv = to_view(decision, "decision"), gv = to_view(gy, "gy"),
                      dsv = to_view(dys, "dys"), ddv = to_view(ddecision, "ddecision"),
                      wv = to_view(workspace, "workspace");
+    py::gil_scoped_release release;
     if (sv.device.is_cpu()) return quadmamba::quad_merge_bwd_cpu(sv, dv, gv, dsv, ddv, wv, g);
-#if defined(QUADMAMBA_WITH_CUDA)
-    quadmamba::quad_merge_bwd_cuda(sv, dv, gv, dsv, ddv, wv, g, to_stream(stream));
-#else
-    (void)stream;
-    no_cuda("quad_merge_bwd");
-#endif
+    QM_CUDA_OR_ERROR("quad_merge_bwd", quadmamba::quad_merge_bwd_cuda(sv, dv, gv, dsv, ddv, wv, g, to_stream(stream)));
   });
 
   // cross_scan / cross_merge (cross_scan.h): each is the other's backward.
   m.def("cross_scan_fwd", [](py::object x, py::object out, uintptr_t stream) {
     const TensorView xv = to_view(x, "x"), ov = to_view(out, "out");
+    py::gil_scoped_release release;
     if (xv.device.is_cpu()) return quadmamba::cross_scan_fwd_cpu(xv, ov);
-#if defined(QUADMAMBA_WITH_CUDA)
-    quadmamba::cross_scan_fwd_cuda(xv, ov, to_stream(stream));
-#else
-    (void)stream;
-    no_cuda("cross_scan_fwd");
-#endif
+    QM_CUDA_OR_ERROR("cross_scan_fwd", quadmamba::cross_scan_fwd_cuda(xv, ov, to_stream(stream)));
   });
   m.def("cross_merge_fwd", [](py::object ys, py::object y, uintptr_t stream) {
     const TensorView sv = to_view(ys, "ys"), yv = to_view(y, "y");
+    py::gil_scoped_release release;
     if (sv.device.is_cpu()) return quadmamba::cross_merge_fwd_cpu(sv, yv);
-#if defined(QUADMAMBA_WITH_CUDA)
-    quadmamba::cross_merge_fwd_cuda(sv, yv, to_stream(stream));
-#else
-    (void)stream;
-    no_cuda("cross_merge_fwd");
-#endif
+    QM_CUDA_OR_ERROR("cross_merge_fwd", quadmamba::cross_merge_fwd_cuda(sv, yv, to_stream(stream)));
   });
 
   // selective_scan: see cpp/include/quadmamba/selective_scan.h for the contract.
@@ -173,17 +157,10 @@ PYBIND11_MODULE(_C, m) {
                          vy = to_view(y, "y");
         auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus);
         p.stream = to_stream(stream);
-        if (vu.device.is_cuda()) {
-#if defined(QUADMAMBA_WITH_CUDA)
-          py::gil_scoped_release release;
-          quadmamba::selective_scan_fwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vy);
-#else
-          no_cuda("selective_scan_fwd");
-#endif
-        } else {
-          py::gil_scoped_release release;
-          quadmamba::selective_scan_fwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vy);
-        }
+        py::gil_scoped_release release;
+        if (vu.device.is_cpu()) return quadmamba::selective_scan_fwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vy);
+        QM_CUDA_OR_ERROR("selective_scan_fwd",
+                         quadmamba::selective_scan_fwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vy));
       },
       py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
       py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("y"), py::arg("stream"),
@@ -200,24 +177,17 @@ PYBIND11_MODULE(_C, m) {
                          vdy = to_view(dy, "dy"), vdu = to_view(du, "du"),
                          vddelta = to_view(ddelta, "ddelta"), vdA = to_view(dA, "dA"),
                          vdB = to_view(dB, "dB"), vdC = to_view(dC, "dC"), vdD = to_view(dD, "dD"),
-                         vdbias = to_view(ddelta_bias, "ddelta_bias"),
-                         vws = to_view(workspace, "workspace");
+                         vdbias = to_view(ddelta_bias, "ddelta_bias");
+        [[maybe_unused]] const TensorView vws = to_view(workspace, "workspace");  // CUDA only
         auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus);
         p.stream = to_stream(stream);
-        if (vu.device.is_cuda()) {
-#if defined(QUADMAMBA_WITH_CUDA)
-          py::gil_scoped_release release;
-          quadmamba::selective_scan_bwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu,
-                                             vddelta, vdA, vdB, vdC, vdD, vdbias, vws);
-#else
-          (void)vws;
-          no_cuda("selective_scan_bwd");
-#endif
-        } else {
-          py::gil_scoped_release release;
-          quadmamba::selective_scan_bwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu,
-                                            vddelta, vdA, vdB, vdC, vdD, vdbias);
-        }
+        py::gil_scoped_release release;
+        if (vu.device.is_cpu())
+          return quadmamba::selective_scan_bwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu, vddelta,
+                                                   vdA, vdB, vdC, vdD, vdbias);
+        QM_CUDA_OR_ERROR("selective_scan_bwd",
+                         quadmamba::selective_scan_bwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu,
+                                                            vddelta, vdA, vdB, vdC, vdD, vdbias, vws));
       },
       py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
       py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("dy"), py::arg("du"),
