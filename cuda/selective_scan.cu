@@ -13,13 +13,16 @@
 // Inputs u, delta, B, C, dy: float32, float16 or bfloat16 (read directly);
 // A, Dskip, delta_bias: float32; all arithmetic in float32. The backward reduces
 // dB, dC (over the channels of a group) and dA, dDskip, ddelta_bias (over the
-// batch) with float32 atomics into caller-zeroed buffers: not bitwise repeatable.
+// batch) with float32 atomics into caller-zeroed buffers (not bitwise repeatable), or,
+// in the deterministic mode, stores every row's terms in the partials buffers and
+// sums them in a fixed order with reduce_channels_kernel / reduce_batch_kernel.
 //
 // Template instantiations: {float, half, bfloat16} x {N == 1, N <= 16} x {fwd, bwd}.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
@@ -178,7 +181,7 @@ struct ScanArgs {
   const void* C;
   const float* Dskip;       // may be null
   const float* delta_bias;  // may be null
-  int64_t channels, groups, length, per_group;
+  int64_t batch, channels, groups, length, per_group;
   int dstate;
   bool softplus;
   bool vec;  // 16-byte vector loads allowed (aligned pointers, L a multiple of the vector)
@@ -198,6 +201,8 @@ struct BwdIO {
   float* dDskip;  // (KD,), accumulated, may be null
   float* dbias;   // (KD,), accumulated, may be null
   float* states;  // (B, KD, chunks, N) workspace
+  float* partials;      // deterministic mode: (2, B, KD, N, L) dB, dC terms per row; else null
+  float* row_partials;  // deterministic mode: (B, KD, N + 2) dA, dDskip, dbias sums per row
 };
 
 // Forward: one block per row (b, d). kN = 1 specialises N == 1, kN = 0 takes p.dstate.
@@ -375,8 +380,14 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
       for (int i = 0; i < kItems; ++i) {
         const float hprev = i > 0 ? h[i - 1] : hprev_first;  // h_{t-1}
         if (t0 + i < L) {
-          atomicAdd(dCk + n * L + t0 + i, g[i] * h[i]);          // dC += g_t h_t
-          atomicAdd(dBk + n * L + t0 + i, q[i] * dl[i] * uv[i]);  // dB += q_t dl_t u_t
+          const float dc = g[i] * h[i], db = q[i] * dl[i] * uv[i];  // g_t h_t, q_t dl_t u_t
+          if (io.partials) {
+            io.partials[(row * N + n) * L + t0 + i] = db;
+            io.partials[((p.batch * p.channels + row) * N + n) * L + t0 + i] = dc;
+          } else {
+            atomicAdd(dCk + n * L + t0 + i, dc);  // dC += g_t h_t
+            atomicAdd(dBk + n * L + t0 + i, db);  // dB += q_t dl_t u_t
+          }
         }
         duv[i] += dl[i] * q[i] * bv[i];  // du += dl_t q_t B_t
         const float qah = q[i] * a[i] * hprev;
@@ -394,17 +405,53 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
     store_items(ddelta, t0, L, ddl, p.vec);
   }
 
+  float* rp = io.row_partials ? io.row_partials + row * (N + 2) : nullptr;
   for (int n = 0; n < N; ++n) {
     const float total = block_sum(dA_acc[n], red);
-    if (tid == 0) atomicAdd(io.dA + d * N + n, total);
+    if (tid == 0) rp ? void(rp[n] = total) : void(atomicAdd(io.dA + d * N + n, total));
   }
   if (io.dDskip) {
     const float total = block_sum(dD_acc, red);
-    if (tid == 0) atomicAdd(io.dDskip + d, total);
+    if (tid == 0) rp ? void(rp[N] = total) : void(atomicAdd(io.dDskip + d, total));
   }
   if (io.dbias) {
     const float total = block_sum(db_acc, red);
-    if (tid == 0) atomicAdd(io.dbias + d, total);
+    if (tid == 0) rp ? void(rp[N + 1] = total) : void(atomicAdd(io.dbias + d, total));
+  }
+}
+
+// Deterministic mode, dB and dC: out[(b, k, i)] = sum over the channels j of group k, in
+// order, of part[(b, k * per_group + j, i)], i < N * L; part = partials[0] for dB and
+// partials[1] for dC (blockIdx.y).
+__global__ void reduce_channels_kernel(const float* partials, float* dB, float* dC, int64_t batch,
+                                       int64_t channels, int64_t groups, int64_t NL) {
+  const float* part = partials + blockIdx.y * batch * channels * NL;
+  float* out = blockIdx.y == 0 ? dB : dC;
+  const int64_t per_group = channels / groups;
+  const int64_t total = batch * groups * NL;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % NL, bk = idx / NL;  // bk = b * groups + k
+    const float* src = part + (bk * per_group) * NL + i;  // channel k * per_group of batch b
+    float s = 0.f;
+    for (int64_t j = 0; j < per_group; ++j) s += src[j * NL];
+    out[idx] = s;
+  }
+}
+
+// Deterministic mode, dA, dDskip, ddelta_bias: the per-row sums added over the batch in order.
+__global__ void reduce_batch_kernel(const float* row_partials, float* dA, float* dDskip, float* dbias,
+                                    int64_t batch, int64_t channels, int N) {
+  const int64_t width = N + 2;
+  const int64_t total = channels * width;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = idx / width, j = idx % width;
+    float s = 0.f;
+    for (int64_t b = 0; b < batch; ++b) s += row_partials[(b * channels + d) * width + j];
+    if (j < N) dA[d * N + j] = s;
+    else if (j == N && dDskip) dDskip[d] = s;
+    else if (j == N + 1 && dbias) dbias[d] = s;
   }
 }
 
@@ -446,6 +493,7 @@ ScanArgs make_args(const SelectiveScanParams& p, const TensorView& u, const Tens
   a.C = C.data;
   a.Dskip = Dskip.defined() ? Dskip.ptr<const float>() : nullptr;
   a.delta_bias = delta_bias.defined() ? delta_bias.ptr<const float>() : nullptr;
+  a.batch = p.batch;
   a.channels = p.channels;
   a.groups = p.groups;
   a.length = p.length;
@@ -478,6 +526,18 @@ void launch_bwd(const SelectiveScanParams& p, const ScanArgs& a, BwdIO io) {
   else
     scan_bwd_kernel<T, 0><<<grid, kThreads, 0, stream>>>(a, io);
   QM_CUDA_CHECK_LAUNCH();
+  if (io.partials) {
+    constexpr int kReduceThreads = 256;
+    const int64_t NL = p.dstate * p.length;
+    const int64_t blocks = std::min<int64_t>((p.batch * p.groups * NL + kReduceThreads - 1) / kReduceThreads, 65535);
+    reduce_channels_kernel<<<dim3(static_cast<unsigned>(blocks), 2), kReduceThreads, 0, stream>>>(
+        io.partials, io.dB, io.dC, p.batch, p.channels, p.groups, NL);
+    QM_CUDA_CHECK_LAUNCH();
+    const int64_t rblocks = std::min<int64_t>((p.channels * (p.dstate + 2) + kReduceThreads - 1) / kReduceThreads, 65535);
+    reduce_batch_kernel<<<static_cast<unsigned>(rblocks), kReduceThreads, 0, stream>>>(
+        io.row_partials, io.dA, io.dDskip, io.dbias, p.batch, p.channels, static_cast<int>(p.dstate));
+    QM_CUDA_CHECK_LAUNCH();
+  }
 }
 
 void check_float32(const TensorView& t, const char* name, Device dev,
@@ -514,7 +574,8 @@ void selective_scan_bwd_cuda(const SelectiveScanParams& p, const TensorView& u,
                              const TensorView& delta_bias, const TensorView& dy,
                              const TensorView& du, const TensorView& ddelta, const TensorView& dA,
                              const TensorView& dB, const TensorView& dC, const TensorView& dDskip,
-                             const TensorView& ddelta_bias, const TensorView& workspace) {
+                             const TensorView& ddelta_bias, const TensorView& workspace,
+                             const TensorView& partials, const TensorView& row_partials) {
   ScanArgs a = make_args(p, u, delta, A, B, C, Dskip, delta_bias);
   const Device dev = u.device;
   for (const auto* t : {&dy, &du, &ddelta}) {
@@ -540,6 +601,17 @@ void selective_scan_bwd_cuda(const SelectiveScanParams& p, const TensorView& u,
   io.dDskip = dDskip.defined() ? dDskip.ptr<float>() : nullptr;
   io.dbias = ddelta_bias.defined() ? ddelta_bias.ptr<float>() : nullptr;
   io.states = workspace.ptr<float>();
+  QM_CHECK(partials.defined() == row_partials.defined(),
+           "selective_scan CUDA: give both partials and row_partials (deterministic mode) or neither");
+  io.partials = nullptr;
+  io.row_partials = nullptr;
+  if (partials.defined()) {
+    check_view(partials, "partials", 5, DType::Float32, dev);
+    check_shape(partials, "partials", {2, p.batch, p.channels, p.dstate, p.length});
+    check_float32(row_partials, "row_partials", dev, {p.batch, p.channels, p.dstate + 2});
+    io.partials = partials.ptr<float>();
+    io.row_partials = row_partials.ptr<float>();
+  }
   DeviceGuard guard(dev.index);
   switch (u.dtype) {
     case DType::Float32: launch_bwd<float>(p, a, io); break;

@@ -278,7 +278,7 @@ TensorView dview(const DeviceBuffer& b, std::initializer_list<int64_t> shape) {
   return v;
 }
 
-Grads run_cuda(const Problem& p) {
+Grads run_cuda(const Problem& p, bool deterministic = false) {
   const Shape& s = p.s;
   const int64_t KD = s.channels(), L = s.length, N = s.dstate, Bn = s.batch, K = s.groups;
   const size_t rows = p.u.size();
@@ -291,6 +291,9 @@ Grads run_cuda(const Problem& p) {
       dbias(zero_kd);
   const int64_t chunks = (L + selective_scan_chunk_cuda() - 1) / selective_scan_chunk_cuda();
   DeviceBuffer ws(std::vector<float>(Bn * KD * chunks * N, 0.f));
+  // Deterministic mode: NaN-poisoned partials (every entry must be written before it is read).
+  DeviceBuffer part(std::vector<float>(deterministic ? 2 * Bn * KD * N * L : 0, std::nanf(""))),
+      rowpart(std::vector<float>(deterministic ? Bn * KD * (N + 2) : 0, std::nanf("")));
   const TensorView vu = dview(u, {Bn, KD, L}), vdelta = dview(delta, {Bn, KD, L}), vA = dview(A, {KD, N}),
                    vB = dview(B, {Bn, K, N, L}), vC = dview(C, {Bn, K, N, L}), vdy = dview(dy, {Bn, KD, L});
   const TensorView vD = s.with_D ? dview(D, {KD}) : TensorView();
@@ -300,7 +303,9 @@ Grads run_cuda(const Problem& p) {
   selective_scan_bwd_cuda(params, vu, vdelta, vA, vB, vC, vD, vbias, vdy, dview(du, {Bn, KD, L}),
                           dview(ddelta, {Bn, KD, L}), dview(dA, {KD, N}), dview(dB, {Bn, K, N, L}),
                           dview(dC, {Bn, K, N, L}), dview(dD, {KD}), dview(dbias, {KD}),
-                          dview(ws, {Bn, KD, chunks, N}));
+                          dview(ws, {Bn, KD, chunks, N}),
+                          deterministic ? dview(part, {2, Bn, KD, N, L}) : TensorView(),
+                          deterministic ? dview(rowpart, {Bn, KD, N + 2}) : TensorView());
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return Grads{y.get(rows), du.get(rows), ddelta.get(rows), dA.get(p.A.size()), dB.get(p.B.size()),
                dC.get(p.C.size()), dD.get(KD), dbias.get(KD)};
@@ -321,6 +326,26 @@ TEST(SelectiveScanCuda, MatchesCpu) {
     expect_grads(run_cuda(p), run_cpu<double>(p), s, "cuda", 1e-4, 1e-5);
   }
 }
+
+TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::vector<Shape> shapes = kShapes;
+  shapes.push_back({3, 2, 8, 1, 1500, true, true, true});
+  uint32_t seed = 900;
+  for (const Shape& s : shapes) {
+    const Problem p = make_problem(s, seed++);
+    const Grads first = run_cuda(p, true), second = run_cuda(p, true);
+    expect_grads(first, run_cpu<double>(p), s, "cuda deterministic", 1e-4, 1e-5);
+    EXPECT_EQ(first.dB, second.dB);
+    EXPECT_EQ(first.dC, second.dC);
+    EXPECT_EQ(first.dA, second.dA);
+    EXPECT_EQ(first.dD, second.dD);
+    EXPECT_EQ(first.dbias, second.dbias);
+  }
+}
 #else
 TEST(SelectiveScanCuda, MatchesCpu) { GTEST_SKIP() << "built without CUDA kernels"; }
+TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
+  GTEST_SKIP() << "built without CUDA kernels";
+}
 #endif

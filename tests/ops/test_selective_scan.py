@@ -230,7 +230,7 @@ def test_poisoned_outputs_are_fully_written():
         dy = torch.randn_like(u)
         outs = [torch.full_like(t, float("nan")) for t in (u, delta, A, B, C, D, bias)]
         core.selective_scan_bwd(v(u), v(delta), v(A), v(B), v(C), v(D), v(bias), True, v(dy),
-                                *[v(t) for t in outs], None, 0)
+                                *[v(t) for t in outs], None, None, None, 0)
         _, g_ref = _grads(selective_scan_ref, [u, delta, A, B, C, D, bias], dy)
         for name, g, gr in zip(NAMES, outs, g_ref):
             assert_close(g, gr, f"d{name}", rtol=1e-4, atol_scale=1e-5, extra=f"seed {seed} {dtype}")
@@ -366,6 +366,26 @@ def test_devices_and_dtypes(device, dtype, case):
         scale = t.abs().max().item()
         err, err_ref = _max_err(a, t), _max_err(r, t)
         assert err <= 2 * err_ref + 1e-5 * scale, f"{name}: error {err:.3e} vs reference's {err_ref:.3e} {extra}"
+
+
+def test_deterministic_algorithms_give_bitwise_repeatable_gradients(device):
+    """Under torch.use_deterministic_algorithms(True) every gradient repeats bitwise (CUDA
+    switches from atomics to fixed-order reductions; the CPU kernels always are) and
+    still matches the float64 reference."""
+    seed = _seed()
+    inputs = [t.float().to(device) for t in make_inputs(3, 2, 12, 2, 1500, "both", True)]
+    grad_out = torch.randn(3, 24, 1500, device=device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, first = _grads(selective_scan, inputs, grad_out)
+        _, second = _grads(selective_scan, inputs, grad_out)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    _, g64 = _grads(selective_scan_chunked_ref, [t.double().cpu() for t in inputs], grad_out.double().cpu())
+    for name, a, b, r in zip(NAMES, first, second, g64):
+        assert torch.equal(a, b), f"d{name} differs between two runs (seed {seed}, {device})"
+        assert_close(a.cpu(), r, f"d{name}", rtol=1e-4, atol_scale=1e-5, extra=f"seed {seed} {device}")
 
 
 def test_long_sequence(device):

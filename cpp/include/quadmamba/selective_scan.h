@@ -41,9 +41,18 @@
 //                                   Dskip / delta_bias are); dtype and zeroing as dA.
 //   workspace (CUDA backward only)  float32 (B, KD, ceil(L / selective_scan_chunk_cuda()), N):
 //                                   the recomputed state at every chunk start; contents ignored.
+//   partials, row_partials (CUDA backward only, optional, both or neither): float32
+//                                   (2, B, KD, N, L) and (B, KD, N + 2), contents ignored.
+//                                   Given: the deterministic mode. Every row (b, d) stores its
+//                                   terms of dB, dC there and its sums of dA, dDskip,
+//                                   ddelta_bias; second kernels then add them in a fixed order
+//                                   (over the channels of a group, over the batch) and WRITE
+//                                   dA, dB, dC, dDskip, ddelta_bias (no zeroing needed).
 // Accumulation is in float32 (float64 for float64 inputs). The CPU path is
-// deterministic (fixed-order reductions); the CUDA backward reduces dB, dC over
-// channels and dA, dDskip, ddelta_bias over the batch with float32 atomics.
+// deterministic (fixed-order reductions). The CUDA backward reduces dB, dC over
+// channels and dA, dDskip, ddelta_bias over the batch with float32 atomics, or, given
+// the partials buffers, in a fixed order (bitwise repeatable; one more pass over
+// 2 * B * KD * N * L floats).
 #pragma once
 
 #include <cstdint>
@@ -99,6 +108,7 @@ void selective_scan_bwd_cuda(const SelectiveScanParams& p, const TensorView& u,
                              const TensorView& delta_bias, const TensorView& dy,
                              const TensorView& du, const TensorView& ddelta, const TensorView& dA,
                              const TensorView& dB, const TensorView& dC, const TensorView& dDskip,
-                             const TensorView& ddelta_bias, const TensorView& workspace);
+                             const TensorView& ddelta_bias, const TensorView& workspace,
+                             const TensorView& partials, const TensorView& row_partials);
 
 }  // namespace quadmamba

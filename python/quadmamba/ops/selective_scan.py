@@ -184,7 +184,14 @@ def _selective_scan_bwd_op(
         dy = dy.to(u.dtype).contiguous()
         du = torch.empty_like(u)
         ddelta = torch.empty_like(u)
-        # Accumulated with atomics: float32 and zeroed.
+        # Accumulated with atomics (float32, zeroed), or, under
+        # torch.use_deterministic_algorithms(True), written by fixed-order reductions of
+        # per-row partial sums (bitwise repeatable; one more pass over 2 * B*KD*N*L floats).
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        partials = row_partials = None
+        if deterministic:
+            partials = torch.empty(2, batch, channels, dstate, length, dtype=f32, device=u.device)
+            row_partials = torch.empty(batch, channels, dstate + 2, dtype=f32, device=u.device)
         dA = torch.zeros(channels, dstate, dtype=f32, device=u.device)
         dB = torch.zeros(batch, groups, dstate, length, dtype=f32, device=u.device)
         dC = torch.zeros_like(dB)
@@ -195,7 +202,8 @@ def _selective_scan_bwd_op(
         v = _backend.view
         core.selective_scan_bwd(
             v(u), v(delta), v(A32), v(B), v(C), v(D32), v(b32), delta_softplus, v(dy), v(du), v(ddelta),
-            v(dA), v(dB), v(dC), v(dD), v(dbias), v(workspace), _backend.stream(u),
+            v(dA), v(dB), v(dC), v(dD), v(dbias), v(workspace), v(partials), v(row_partials),
+            _backend.stream(u),
         )
     else:
         compute = _compute_dtype(u)
@@ -210,7 +218,7 @@ def _selective_scan_bwd_op(
         v = _backend.view
         core.selective_scan_bwd(
             v(uc), v(dc), v(Ac), v(Bc), v(Cc), v(Dc), v(bc), delta_softplus, v(gc), v(du), v(ddelta),
-            v(dA), v(dB), v(dC), v(dD), v(dbias), None, 0,
+            v(dA), v(dB), v(dC), v(dD), v(dbias), None, None, None, 0,
         )
     return (
         du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
