@@ -8,8 +8,11 @@
 // M * fine + (1 - M) * coarse (both terms always, as the formula) and, in the backward
 // passes, adds the decision gradient of the same elements while they are loaded.
 // The decision gradient: per piece, 4 lanes summed in the data type (fixed order, at
-// most W/4 terms), widened and added to the row's double accumulators, stored per (b, d)
-// in the workspace and summed over d in order, so the result does not depend on threading.
+// most W/4 terms), widened and added to the row's double sums (kept in registers while
+// consecutive pieces share a quadrant), stored per (b, d) in the workspace and summed over
+// d in order, so the result does not depend on threading.
+// When a call's tensors are larger than the caches, each row prefetches the next row's
+// streams as it goes.
 #include <algorithm>
 #include <type_traits>
 #if defined(__SSE2__)
@@ -85,13 +88,74 @@ enum class Grad { None, Gather, Scatter };
 template <typename T>
 constexpr int64_t kLanes = 16 / sizeof(T);
 
-// Per-piece sums: lane k sums the terms with index i = k (mod K) in a fixed order (at most
-// W/4 terms in T), then each lane is added to the row's double accumulator of its quadrant.
+// The decision-gradient sums of one row: 4 quadrants x K lanes in double. Consecutive
+// pieces mostly share a quadrant, so the lanes of the quadrant last added to stay in
+// registers and are added to the row's sums only when another quadrant comes (no
+// load-add-store chain through memory per piece). The order of the additions is fixed by
+// the piece list, so the result does not depend on threading.
+template <typename T>
+struct RowSums {
+  static constexpr int64_t K = kLanes<T>;
+  double sum[4][K] = {};
+  double cur[K] = {};
+  int q = 0;
+  inline void add(int qn, const T* lanes) {
+    if (qn != q) {
+      flush();
+      q = qn;
+    }
+    for (int64_t k = 0; k < K; ++k) cur[k] += static_cast<double>(lanes[k]);
+  }
+  inline void flush() {
+    for (int64_t k = 0; k < K; ++k) {
+      sum[q][k] += cur[k];
+      cur[k] = 0;
+    }
+  }
+  // dm[q] += sign * (sum of the lanes of quadrant q), for all q.
+  void finish(double* dm, double sign) {
+    flush();
+    for (int qq = 0; qq < 4; ++qq)
+      for (int64_t k = 0; k < K; ++k) dm[qq] += sign * sum[qq][k];
+  }
+};
+
+#if defined(__SSE2__)
+template <>
+struct RowSums<float> {
+  alignas(16) double sum[4][4] = {};
+  __m128d lo = _mm_setzero_pd(), hi = _mm_setzero_pd();  // lanes 0, 1 and 2, 3 of quadrant q
+  int q = 0;
+  inline void add(int qn, __m128 t) {
+    if (qn != q) {
+      flush();
+      q = qn;
+    }
+    lo = _mm_add_pd(lo, _mm_cvtps_pd(t));
+    hi = _mm_add_pd(hi, _mm_cvtps_pd(_mm_movehl_ps(t, t)));
+  }
+  inline void add(int qn, const float* lanes) { add(qn, _mm_loadu_ps(lanes)); }
+  inline void flush() {
+    _mm_store_pd(sum[q], _mm_add_pd(_mm_load_pd(sum[q]), lo));
+    _mm_store_pd(sum[q] + 2, _mm_add_pd(_mm_load_pd(sum[q] + 2), hi));
+    lo = hi = _mm_setzero_pd();
+  }
+  void finish(double* dm, double sign) {
+    flush();
+    for (int qq = 0; qq < 4; ++qq)
+      for (int k = 0; k < 4; ++k) dm[qq] += sign * sum[qq][k];
+  }
+};
+#endif
+
+// One piece: o[0:n] = ca * a[0:n] + cb * b[0:n]; with a gradient, lane k sums the terms with
+// index i = k (mod K) in a fixed order (at most W/4 terms in T) and the lane sums go to
+// ra (quadrant qa) and, for Gather, rb (quadrant qb; rb holds the terms to subtract).
 template <typename T, Grad G>
 inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restrict b, const T* __restrict s,
-                       const T* __restrict srev, int64_t n, T ca, T cb, double* acc_a, double* acc_b) {  // acc_a may be acc_b
+                       const T* __restrict srev, int64_t n, T ca, T cb, RowSums<T>* ra, int qa,
+                       RowSums<T>* rb, int qb) {
   constexpr int64_t K = kLanes<T>;
-  T sa[K] = {}, sb[K] = {};
   int64_t i = 0;
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
@@ -120,19 +184,13 @@ inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restri
         }
         if (i + K == n) break;
       }
-      if constexpr (G != Grad::None) {
-        // lanes 0, 1 and 2, 3 widened to double and added to the accumulators
-        _mm_storeu_pd(acc_a, _mm_add_pd(_mm_loadu_pd(acc_a), _mm_cvtps_pd(ta)));
-        _mm_storeu_pd(acc_a + 2, _mm_add_pd(_mm_loadu_pd(acc_a + 2), _mm_cvtps_pd(_mm_movehl_ps(ta, ta))));
-      }
-      if constexpr (G == Grad::Gather) {
-        _mm_storeu_pd(acc_b, _mm_sub_pd(_mm_loadu_pd(acc_b), _mm_cvtps_pd(tb)));
-        _mm_storeu_pd(acc_b + 2, _mm_sub_pd(_mm_loadu_pd(acc_b + 2), _mm_cvtps_pd(_mm_movehl_ps(tb, tb))));
-      }
+      if constexpr (G != Grad::None) ra->add(qa, ta);
+      if constexpr (G == Grad::Gather) rb->add(qb, tb);
       return;
     }
   }
 #endif
+  T sa[K] = {}, sb[K] = {};
   for (; i < n; ++i) {
     o[i] = ca * a[i] + cb * b[i];
     if constexpr (G == Grad::Gather) {
@@ -143,19 +201,13 @@ inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restri
       sa[i % K] += s[i] * (a[i] - b[i]);
     }
   }
-  if constexpr (G == Grad::Gather) {
-    for (int64_t k = 0; k < K; ++k) {
-      acc_a[k] += static_cast<double>(sa[k]);
-      acc_b[k] -= static_cast<double>(sb[k]);
-    }
-  } else if constexpr (G == Grad::Scatter) {
-    for (int64_t k = 0; k < K; ++k) acc_a[k] += static_cast<double>(sa[k]);
-  }
+  if constexpr (G != Grad::None) ra->add(qa, sa);
+  if constexpr (G == Grad::Gather) rb->add(qb, sb);
 }
 
 // S[p] = s0[p] + s1[L-1-p].
 template <typename T>
-inline void fold_directions(const T* s0, const T* s1, int64_t L, T* S) {
+inline void fold_directions(const T* __restrict s0, const T* __restrict s1, int64_t L, T* __restrict S) {
   for (int64_t p = 0; p < L; ++p) S[p] = s0[p] + s1[L - 1 - p];
 }
 
@@ -249,24 +301,59 @@ std::vector<Piece<T>> scatter_pieces(const QuadGeometry& g, const std::vector<Sc
   return pieces;
 }
 
-// Gather pass for one (b, d) row: out0/out1 from the raster row src (quad_scan_fwd),
-// and when aux0 is given, dm[q] += the gather form of the decision gradient with
+// Software prefetch of the next row's streams, one cache line of each per piece (then the
+// rest of the row): the gather reads its source out of order, which the hardware prefetcher
+// cannot follow, and a row ends before the hardware catches up with the next one. Only
+// worth it when the tensors do not stay in the caches between calls; with rows already
+// cached the extra instructions cost more than they save.
+template <typename T>
+struct NextRows {
+  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  const T* row[3] = {nullptr, nullptr, nullptr};  // the streams row[0:n], each L elements
+  int n = 0;
+  int64_t ahead, L;
+  NextRows(bool on, int64_t L_) : ahead(on ? 0 : L_), L(L_) {}
+  inline void add(const T* r) { row[n++] = r; }
+  inline void step() {
+    if (ahead < L) {
+      switch (n) {
+        case 3: __builtin_prefetch(row[2] + ahead); [[fallthrough]];
+        case 2: __builtin_prefetch(row[1] + ahead); [[fallthrough]];
+        default: __builtin_prefetch(row[0] + ahead);
+      }
+      ahead += kLine;
+    }
+  }
+  inline void finish() {
+    while (ahead < L) step();
+  }
+};
+
+// Gather pass for one (b, d) row: out0 from the raster row src (quad_scan_fwd), and when
+// aux0 is given, dm[q] += the gather form of the decision gradient with
 // S = aux0 + reverse(aux1) (quad_merge_bwd):
 //   dM[Q(f(p))] += src[f(p)] * S[p];  dM[Q(c(p))] -= src[c(p)] * S[p].
+// Then out1 = reverse(out0).
 template <typename T>
 void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restrict src, T* __restrict out0,
-                T* __restrict out1, const T* aux0, const T* aux1, double* dm) {
-  constexpr int64_t K = kLanes<T>;
+                T* __restrict out1, const T* aux0, const T* aux1, NextRows<T>& next, double* dm) {
   if (aux0) {
-    double acc[4][K] = {};
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o, aux1 + (L - p.o), p.n, p.cf, p.cc, acc[p.qf], acc[p.qc]);
-    for (int q = 0; q < 4; ++q)
-      for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
+    RowSums<T> fine, coarse;
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o, aux1 + (L - p.o), p.n, p.cf, p.cc,
+                                  &fine, p.qf, &coarse, p.qc);
+    }
+    fine.finish(dm, 1.0);
+    coarse.finish(dm, -1.0);
   } else {
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, 0,
+                                nullptr, 0);
+    }
   }
+  next.finish();
   for (int64_t q = 0; q < L; ++q) out1[q] = out0[L - 1 - q];
 }
 
@@ -275,19 +362,23 @@ void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restr
 // row aux (quad_scan_bwd): dM[q] += sum_t aux[t] * (S[f^-1(t)] - S[c^-1(t)]).
 template <typename T>
 void scatter_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* s0, const T* s1, T* __restrict dst,
-                 const T* __restrict aux, T* __restrict S, double* dm) {
-  constexpr int64_t K = kLanes<T>;
+                 const T* __restrict aux, T* __restrict S, NextRows<T>& next, double* dm) {
   fold_directions(s0, s1, L, S);
   if (aux) {
-    double acc[4][K] = {};
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc, acc[p.qf], nullptr);
-    for (int q = 0; q < 4; ++q)
-      for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
+    RowSums<T> sums;
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc, &sums, p.qf,
+                                   nullptr, 0);
+    }
+    sums.finish(dm, 1.0);
   } else {
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, 0, nullptr, 0);
+    }
   }
+  next.finish();
 }
 
 // Sums the per-(b, d) partials over d in order: ddecision[b, q] = sum_d workspace[b, d, q].
@@ -302,21 +393,32 @@ void reduce_partials(const T* workspace, T* ddecision, int64_t B, int64_t D) {
   }
 }
 
-// Runs `row(b, d, S, dm)` for every (b, d) in parallel; S is a row-sized scratch buffer
-// and dm the row's 4 decision-gradient partials (copied to workspace when given).
+// Whether the passes prefetch the next rows: when the bytes a call reads exceed this, they
+// come from memory rather than from the caches (measured at the model shapes on the CPU).
+constexpr int64_t kPrefetchBytes = 8 << 20;
+
+// Runs `row(bd, next, S, dm)` for every row bd = b * D + d in parallel; next holds the next
+// row's streams for prefetching, S is a row-sized scratch buffer and dm the row's 4
+// decision-gradient partials (copied to workspace when given).
 template <typename T, typename F>
-void for_rows(int64_t B, int64_t D, int64_t L, const TensorView& workspace, const F& row) {
+void for_rows(int64_t B, int64_t D, int64_t L, bool prefetch, const TensorView& workspace, const F& row) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
   parallel_for(0, B * D, grain, [&](int64_t lo, int64_t hi) {
     std::vector<T> S(static_cast<size_t>(L));
     for (int64_t bd = lo; bd < hi; ++bd) {
       double dm[4] = {0, 0, 0, 0};
-      row(bd / D, bd % D, S.data(), dm);
+      NextRows<T> next(prefetch && bd + 1 < hi, L);
+      row(bd, next, S.data(), dm);
       if (workspace.defined()) {
         for (int q = 0; q < 4; ++q) workspace.ptr<T>()[bd * 4 + q] = static_cast<T>(dm[q]);
       }
     }
   });
+}
+
+// Offset of row bd = b * D + d of direction dir in a (B, 2, D, L) sequence.
+inline int64_t seq_offset(int64_t bd, int dir, int64_t D, int64_t L) {
+  return ((bd / D * 2 + dir) * D + bd % D) * L;
 }
 
 template <typename T>
@@ -331,10 +433,16 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   const std::vector<GatherRun> runs = gather_runs(g);
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
-  for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* /*S*/, double* dm) {
-    const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
-    gather_row<T>(L, pieces[b], x + (b * D + d) * L, o + seq0, o + seq1, a ? a + seq0 : nullptr,
-                  a ? a + seq1 : nullptr, dm);
+  const bool prefetch = (a ? 3 : 1) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
+  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, NextRows<T>& next, T* /*S*/, double* dm) {
+    const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
+    next.add(x + (bd + 1) * L);
+    if (a) {
+      next.add(a + seq_offset(bd + 1, 0, D, L));
+      next.add(a + seq_offset(bd + 1, 1, D, L));
+    }
+    gather_row<T>(L, pieces[bd / D], x + bd * L, o + s0, o + s1, a ? a + s0 : nullptr, a ? a + s1 : nullptr, next,
+                  dm);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }
@@ -351,10 +459,13 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   const std::vector<ScatterRun> runs = scatter_runs(g);
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(scatter_pieces<T>(g, runs, dec + b * 4));
-  for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
-    const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
-    const int64_t r = (b * D + d) * L;
-    scatter_row<T>(L, pieces[b], s + seq0, s + seq1, y + r, a ? a + r : nullptr, S, dm);
+  const bool prefetch = (a ? 3 : 2) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
+  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, NextRows<T>& next, T* S, double* dm) {
+    const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
+    next.add(s + seq_offset(bd + 1, 0, D, L));
+    next.add(s + seq_offset(bd + 1, 1, D, L));
+    if (a) next.add(a + (bd + 1) * L);
+    scatter_row<T>(L, pieces[bd / D], s + s0, s + s1, y + bd * L, a ? a + bd * L : nullptr, S, next, dm);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }
