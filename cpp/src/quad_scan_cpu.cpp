@@ -88,33 +88,27 @@ enum class Grad { None, Gather, Scatter };
 template <typename T>
 constexpr int64_t kLanes = 16 / sizeof(T);
 
-// The decision-gradient sums of one row: 4 quadrants x K lanes in double. Consecutive
-// pieces mostly share a quadrant, so the lanes of the quadrant last added to stay in
-// registers and are added to the row's sums only when another quadrant comes (no
-// load-add-store chain through memory per piece). The order of the additions is fixed by
-// the piece list, so the result does not depend on threading.
+// The lane sums of one piece's decision-gradient terms: a for the fine term's quadrant, b
+// for the coarse term's (subtracted by Gather).
+template <typename T>
+struct PieceSums {
+  T a[kLanes<T>] = {}, b[kLanes<T>] = {};
+};
+
+// The decision-gradient sums of one row: 4 quadrants x K lanes in double, in the order of
+// the piece list (so the result does not depend on threading).
+// sum: the caller's zeroed double[4][K] (kept out of this object, so that the compiler
+// can hold the object's other members in registers).
 template <typename T>
 struct RowSums {
   static constexpr int64_t K = kLanes<T>;
-  double sum[4][K] = {};
-  double cur[K] = {};
-  int q = 0;
-  inline void add(int qn, const T* lanes) {
-    if (qn != q) {
-      flush();
-      q = qn;
-    }
-    for (int64_t k = 0; k < K; ++k) cur[k] += static_cast<double>(lanes[k]);
-  }
-  inline void flush() {
-    for (int64_t k = 0; k < K; ++k) {
-      sum[q][k] += cur[k];
-      cur[k] = 0;
-    }
+  double (*sum)[K];
+  explicit RowSums(double (*sum_)[K]) : sum(sum_) {}
+  inline void add(int q, const T* lanes) {
+    for (int64_t k = 0; k < K; ++k) sum[q][k] += static_cast<double>(lanes[k]);
   }
   // dm[q] += sign * (sum of the lanes of quadrant q), for all q.
   void finish(double* dm, double sign) {
-    flush();
     for (int qq = 0; qq < 4; ++qq)
       for (int64_t k = 0; k < K; ++k) dm[qq] += sign * sum[qq][k];
   }
@@ -122,8 +116,17 @@ struct RowSums {
 
 #if defined(__SSE2__)
 template <>
+struct PieceSums<float> {
+  __m128 a = _mm_setzero_ps(), b = _mm_setzero_ps();
+};
+
+// Float: consecutive pieces mostly share a quadrant, so the widened lanes of the quadrant
+// last added to stay in registers (lo, hi) and go to the row's sums only when another
+// quadrant comes: no load-add-store chain through memory per piece.
+template <>
 struct RowSums<float> {
-  alignas(16) double sum[4][4] = {};
+  double (*sum)[4];
+  explicit RowSums(double (*sum_)[4]) : sum(sum_) {}
   __m128d lo = _mm_setzero_pd(), hi = _mm_setzero_pd();  // lanes 0, 1 and 2, 3 of quadrant q
   int q = 0;
   inline void add(int qn, __m128 t) {
@@ -134,10 +137,9 @@ struct RowSums<float> {
     lo = _mm_add_pd(lo, _mm_cvtps_pd(t));
     hi = _mm_add_pd(hi, _mm_cvtps_pd(_mm_movehl_ps(t, t)));
   }
-  inline void add(int qn, const float* lanes) { add(qn, _mm_loadu_ps(lanes)); }
   inline void flush() {
-    _mm_store_pd(sum[q], _mm_add_pd(_mm_load_pd(sum[q]), lo));
-    _mm_store_pd(sum[q] + 2, _mm_add_pd(_mm_load_pd(sum[q] + 2), hi));
+    _mm_storeu_pd(sum[q], _mm_add_pd(_mm_loadu_pd(sum[q]), lo));
+    _mm_storeu_pd(sum[q] + 2, _mm_add_pd(_mm_loadu_pd(sum[q] + 2), hi));
     lo = hi = _mm_setzero_pd();
   }
   void finish(double* dm, double sign) {
@@ -146,63 +148,89 @@ struct RowSums<float> {
       for (int k = 0; k < 4; ++k) dm[qq] += sign * sum[qq][k];
   }
 };
+
+// Elements p[0:n] of a piece shorter than 4 in lanes 0..n-1, zeros above; reversed: lane i
+// holds p[-1-i] (the reversed direction).
+inline __m128 load_head(const float* p, int64_t n) {
+  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  return n == 1 ? _mm_load_ss(p) : n == 2 ? two : _mm_movelh_ps(two, _mm_load_ss(p + 2));
+}
+inline __m128 load_head_reversed(const float* p, int64_t n) {
+  const __m128 v = load_head(p - n, n);  // p[-n], ..., p[-1]
+  return n == 1 ? v : n == 2 ? _mm_shuffle_ps(v, v, _MM_SHUFFLE(3, 2, 0, 1)) : _mm_shuffle_ps(v, v, _MM_SHUFFLE(3, 0, 1, 2));
+}
+inline void store_head(float* p, __m128 v, int64_t n) {
+  if (n == 1) {
+    _mm_store_ss(p, v);
+  } else {
+    _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v));
+    if (n == 3) _mm_store_ss(p + 2, _mm_movehl_ps(v, v));
+  }
+}
 #endif
 
-// One piece: o[0:n] = ca * a[0:n] + cb * b[0:n]; with a gradient, lane k sums the terms with
-// index i = k (mod K) in a fixed order (at most W/4 terms in T) and the lane sums go to
-// ra (quadrant qa) and, for Gather, rb (quadrant qb; rb holds the terms to subtract).
+// One piece: o[0:n] = ca * a[0:n] + cb * b[0:n]; with a gradient, lane k of the returned sums
+// adds the terms with index i = k (mod K) in a fixed order (at most W/4 terms, in T):
+//   Gather:  a[i] * S[i] and b[i] * S[i], S[i] = s[i] + srev[-1 - i];
+//   Scatter: s[i] * (a[i] - b[i]).
 template <typename T, Grad G>
-inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restrict b, const T* __restrict s,
-                       const T* __restrict srev, int64_t n, T ca, T cb, RowSums<T>* ra, int qa,
-                       RowSums<T>* rb, int qb) {
+inline PieceSums<T> piece_pass(T* __restrict o, const T* __restrict a, const T* __restrict b,
+                               const T* __restrict s, const T* __restrict srev, int64_t n, T ca, T cb) {
   constexpr int64_t K = kLanes<T>;
-  int64_t i = 0;
+  PieceSums<T> sums;
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) {
-    if (n >= K) {
-      // full chunks, then one overlapping last chunk: its writes repeat equal values, its
-      // sums keep only the lanes past the previous chunk.
-      alignas(16) static const uint32_t tail_mask[8] = {0, 0, 0, 0, ~0u, ~0u, ~0u, ~0u};
-      const __m128 va = _mm_set1_ps(ca), vb = _mm_set1_ps(cb);
-      __m128 ta = _mm_setzero_ps(), tb = _mm_setzero_ps();
-      for (;; i += K) {
-        __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(-1));
-        if (i + K > n) {
-          keep = _mm_loadu_ps(reinterpret_cast<const float*>(tail_mask) + (n - i));
-          i = n - K;
-        }
-        const __m128 xa = _mm_loadu_ps(a + i), xb = _mm_loadu_ps(b + i);
-        _mm_storeu_ps(o + i, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
-        if constexpr (G == Grad::Gather) {
-          const __m128 r = _mm_loadu_ps(srev - i - K);
-          const __m128 xs = _mm_and_ps(keep, _mm_add_ps(_mm_loadu_ps(s + i), _mm_shuffle_ps(r, r, _MM_SHUFFLE(0, 1, 2, 3))));
-          ta = _mm_add_ps(ta, _mm_mul_ps(xa, xs));
-          tb = _mm_add_ps(tb, _mm_mul_ps(xb, xs));
-        } else if constexpr (G == Grad::Scatter) {
-          const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + i));
-          ta = _mm_add_ps(ta, _mm_mul_ps(xs, _mm_sub_ps(xa, xb)));
-        }
-        if (i + K == n) break;
+    const __m128 va = _mm_set1_ps(ca), vb = _mm_set1_ps(cb);
+    if (n < K) {  // lanes past n are loaded as zeros and not stored
+      const __m128 xa = load_head(a, n), xb = load_head(b, n);
+      store_head(o, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)), n);
+      if constexpr (G == Grad::Gather) {
+        const __m128 xs = _mm_add_ps(load_head(s, n), load_head_reversed(srev, n));
+        sums.a = _mm_mul_ps(xa, xs);
+        sums.b = _mm_mul_ps(xb, xs);
+      } else if constexpr (G == Grad::Scatter) {
+        sums.a = _mm_mul_ps(load_head(s, n), _mm_sub_ps(xa, xb));
       }
-      if constexpr (G != Grad::None) ra->add(qa, ta);
-      if constexpr (G == Grad::Gather) rb->add(qb, tb);
-      return;
+      return sums;
     }
-  }
+    // full chunks, then one overlapping last chunk: its writes repeat equal values, its
+    // sums keep only the lanes past the previous chunk.
+    alignas(16) static const uint32_t tail_mask[8] = {0, 0, 0, 0, ~0u, ~0u, ~0u, ~0u};
+    for (int64_t i = 0;; i += K) {
+      __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(-1));
+      if (i + K > n) {
+        keep = _mm_loadu_ps(reinterpret_cast<const float*>(tail_mask) + (n - i));
+        i = n - K;
+      }
+      const __m128 xa = _mm_loadu_ps(a + i), xb = _mm_loadu_ps(b + i);
+      _mm_storeu_ps(o + i, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
+      if constexpr (G == Grad::Gather) {
+        const __m128 r = _mm_loadu_ps(srev - i - K);
+        const __m128 xs = _mm_and_ps(keep, _mm_add_ps(_mm_loadu_ps(s + i), _mm_shuffle_ps(r, r, _MM_SHUFFLE(0, 1, 2, 3))));
+        sums.a = _mm_add_ps(sums.a, _mm_mul_ps(xa, xs));
+        sums.b = _mm_add_ps(sums.b, _mm_mul_ps(xb, xs));
+      } else if constexpr (G == Grad::Scatter) {
+        const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + i));
+        sums.a = _mm_add_ps(sums.a, _mm_mul_ps(xs, _mm_sub_ps(xa, xb)));
+      }
+      if (i + K == n) break;
+    }
+    return sums;
+  } else
 #endif
-  T sa[K] = {}, sb[K] = {};
-  for (; i < n; ++i) {
-    o[i] = ca * a[i] + cb * b[i];
-    if constexpr (G == Grad::Gather) {
-      const T si = s[i] + srev[-1 - i];
-      sa[i % K] += a[i] * si;
-      sb[i % K] += b[i] * si;
-    } else if constexpr (G == Grad::Scatter) {
-      sa[i % K] += s[i] * (a[i] - b[i]);
+  {
+    for (int64_t i = 0; i < n; ++i) {
+      o[i] = ca * a[i] + cb * b[i];
+      if constexpr (G == Grad::Gather) {
+        const T si = s[i] + srev[-1 - i];
+        sums.a[i % K] += a[i] * si;
+        sums.b[i % K] += b[i] * si;
+      } else if constexpr (G == Grad::Scatter) {
+        sums.a[i % K] += s[i] * (a[i] - b[i]);
+      }
     }
+    return sums;
   }
-  if constexpr (G != Grad::None) ra->add(qa, sa);
-  if constexpr (G == Grad::Gather) rb->add(qb, sb);
 }
 
 // S[p] = s0[p] + s1[L-1-p].
@@ -338,19 +366,21 @@ template <typename T>
 void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restrict src, T* __restrict out0,
                 T* __restrict out1, const T* aux0, const T* aux1, NextRows<T>& next, double* dm) {
   if (aux0) {
-    RowSums<T> fine, coarse;
+    double fine_sum[4][kLanes<T>] = {}, coarse_sum[4][kLanes<T>] = {};
+    RowSums<T> fine(fine_sum), coarse(coarse_sum);
     for (const Piece<T>& p : pieces) {
       next.step();
-      piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o, aux1 + (L - p.o), p.n, p.cf, p.cc,
-                                  &fine, p.qf, &coarse, p.qc);
+      const PieceSums<T> t = piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o,
+                                                          aux1 + (L - p.o), p.n, p.cf, p.cc);
+      fine.add(p.qf, t.a);
+      coarse.add(p.qc, t.b);
     }
     fine.finish(dm, 1.0);
     coarse.finish(dm, -1.0);
   } else {
     for (const Piece<T>& p : pieces) {
       next.step();
-      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, 0,
-                                nullptr, 0);
+      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, nullptr, p.n, p.cf, p.cc);
     }
   }
   next.finish();
@@ -365,17 +395,17 @@ void scatter_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* s0, co
                  const T* __restrict aux, T* __restrict S, NextRows<T>& next, double* dm) {
   fold_directions(s0, s1, L, S);
   if (aux) {
-    RowSums<T> sums;
+    double row_sum[4][kLanes<T>] = {};
+    RowSums<T> sums(row_sum);
     for (const Piece<T>& p : pieces) {
       next.step();
-      piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc, &sums, p.qf,
-                                   nullptr, 0);
+      sums.add(p.qf, piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc).a);
     }
     sums.finish(dm, 1.0);
   } else {
     for (const Piece<T>& p : pieces) {
       next.step();
-      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, 0, nullptr, 0);
+      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, nullptr, p.n, p.cf, p.cc);
     }
   }
   next.finish();
