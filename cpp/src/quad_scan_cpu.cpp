@@ -7,10 +7,13 @@
 // their coefficients M and 1 - M; each piece is one pass that writes
 // M * fine + (1 - M) * coarse (both terms always, as the formula) and, in the backward
 // passes, adds the decision gradient of the same elements while they are loaded.
-// The decision gradient: per piece, 4 lanes summed in the data type (fixed order, at
-// most W/4 terms), widened and added to the row's double sums (kept in registers while
-// consecutive pieces share a quadrant), stored per (b, d) in the workspace and summed over
-// d in order, so the result does not depend on threading.
+// Float rows go through the pieces in blocks of 2 or 4 rows of one batch (the pieces'
+// control work shared by the block; SSE2, 4 lanes); float64 rows one at a time.
+// The decision gradient: per piece and row, K lanes summed in the data type (fixed order,
+// at most W/4 terms; float then adds its 4 lanes up in a fixed order), widened and added to
+// the row's double sums (for float kept in registers while consecutive pieces keep their
+// quadrants), stored per (b, d) in the workspace and summed over d in order, so the result
+// does not depend on threading.
 // When a call's tensors are larger than the caches, each row prefetches the next row's
 // streams as it goes.
 #include <algorithm>
@@ -95,15 +98,12 @@ struct PieceSums {
   T a[kLanes<T>] = {}, b[kLanes<T>] = {};
 };
 
-// The decision-gradient sums of one row: 4 quadrants x K lanes in double, in the order of
-// the piece list (so the result does not depend on threading).
-// sum: the caller's zeroed double[4][K] (kept out of this object, so that the compiler
-// can hold the object's other members in registers).
+// The decision-gradient sums of one row (the one-row path: float64): 4 quadrants x K lanes
+// in double, added in the order of the piece list (so the result does not depend on threading).
 template <typename T>
 struct RowSums {
   static constexpr int64_t K = kLanes<T>;
-  double (*sum)[K];
-  explicit RowSums(double (*sum_)[K]) : sum(sum_) {}
+  double sum[4][K] = {};
   inline void add(int q, const T* lanes) {
     for (int64_t k = 0; k < K; ++k) sum[q][k] += static_cast<double>(lanes[k]);
   }
@@ -115,40 +115,6 @@ struct RowSums {
 };
 
 #if defined(__SSE2__)
-template <>
-struct PieceSums<float> {
-  __m128 a = _mm_setzero_ps(), b = _mm_setzero_ps();
-};
-
-// Float: consecutive pieces mostly share a quadrant, so the widened lanes of the quadrant
-// last added to stay in registers (lo, hi) and go to the row's sums only when another
-// quadrant comes: no load-add-store chain through memory per piece.
-template <>
-struct RowSums<float> {
-  double (*sum)[4];
-  explicit RowSums(double (*sum_)[4]) : sum(sum_) {}
-  __m128d lo = _mm_setzero_pd(), hi = _mm_setzero_pd();  // lanes 0, 1 and 2, 3 of quadrant q
-  int q = 0;
-  inline void add(int qn, __m128 t) {
-    if (qn != q) {
-      flush();
-      q = qn;
-    }
-    lo = _mm_add_pd(lo, _mm_cvtps_pd(t));
-    hi = _mm_add_pd(hi, _mm_cvtps_pd(_mm_movehl_ps(t, t)));
-  }
-  inline void flush() {
-    _mm_storeu_pd(sum[q], _mm_add_pd(_mm_loadu_pd(sum[q]), lo));
-    _mm_storeu_pd(sum[q] + 2, _mm_add_pd(_mm_loadu_pd(sum[q] + 2), hi));
-    lo = hi = _mm_setzero_pd();
-  }
-  void finish(double* dm, double sign) {
-    flush();
-    for (int qq = 0; qq < 4; ++qq)
-      for (int k = 0; k < 4; ++k) dm[qq] += sign * sum[qq][k];
-  }
-};
-
 // Elements p[0:n] of a piece shorter than 4 in lanes 0..n-1, zeros above; reversed: lane i
 // holds p[-1-i] (the reversed direction).
 inline __m128 load_head(const float* p, int64_t n) {
@@ -178,59 +144,17 @@ inline PieceSums<T> piece_pass(T* __restrict o, const T* __restrict a, const T* 
                                const T* __restrict s, const T* __restrict srev, int64_t n, T ca, T cb) {
   constexpr int64_t K = kLanes<T>;
   PieceSums<T> sums;
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m128 va = _mm_set1_ps(ca), vb = _mm_set1_ps(cb);
-    if (n < K) {  // lanes past n are loaded as zeros and not stored
-      const __m128 xa = load_head(a, n), xb = load_head(b, n);
-      store_head(o, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)), n);
-      if constexpr (G == Grad::Gather) {
-        const __m128 xs = _mm_add_ps(load_head(s, n), load_head_reversed(srev, n));
-        sums.a = _mm_mul_ps(xa, xs);
-        sums.b = _mm_mul_ps(xb, xs);
-      } else if constexpr (G == Grad::Scatter) {
-        sums.a = _mm_mul_ps(load_head(s, n), _mm_sub_ps(xa, xb));
-      }
-      return sums;
+  for (int64_t i = 0; i < n; ++i) {
+    o[i] = ca * a[i] + cb * b[i];
+    if constexpr (G == Grad::Gather) {
+      const T si = s[i] + srev[-1 - i];
+      sums.a[i % K] += a[i] * si;
+      sums.b[i % K] += b[i] * si;
+    } else if constexpr (G == Grad::Scatter) {
+      sums.a[i % K] += s[i] * (a[i] - b[i]);
     }
-    // full chunks, then one overlapping last chunk: its writes repeat equal values, its
-    // sums keep only the lanes past the previous chunk.
-    alignas(16) static const uint32_t tail_mask[8] = {0, 0, 0, 0, ~0u, ~0u, ~0u, ~0u};
-    for (int64_t i = 0;; i += K) {
-      __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(-1));
-      if (i + K > n) {
-        keep = _mm_loadu_ps(reinterpret_cast<const float*>(tail_mask) + (n - i));
-        i = n - K;
-      }
-      const __m128 xa = _mm_loadu_ps(a + i), xb = _mm_loadu_ps(b + i);
-      _mm_storeu_ps(o + i, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
-      if constexpr (G == Grad::Gather) {
-        const __m128 r = _mm_loadu_ps(srev - i - K);
-        const __m128 xs = _mm_and_ps(keep, _mm_add_ps(_mm_loadu_ps(s + i), _mm_shuffle_ps(r, r, _MM_SHUFFLE(0, 1, 2, 3))));
-        sums.a = _mm_add_ps(sums.a, _mm_mul_ps(xa, xs));
-        sums.b = _mm_add_ps(sums.b, _mm_mul_ps(xb, xs));
-      } else if constexpr (G == Grad::Scatter) {
-        const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + i));
-        sums.a = _mm_add_ps(sums.a, _mm_mul_ps(xs, _mm_sub_ps(xa, xb)));
-      }
-      if (i + K == n) break;
-    }
-    return sums;
-  } else
-#endif
-  {
-    for (int64_t i = 0; i < n; ++i) {
-      o[i] = ca * a[i] + cb * b[i];
-      if constexpr (G == Grad::Gather) {
-        const T si = s[i] + srev[-1 - i];
-        sums.a[i % K] += a[i] * si;
-        sums.b[i % K] += b[i] * si;
-      } else if constexpr (G == Grad::Scatter) {
-        sums.a[i % K] += s[i] * (a[i] - b[i]);
-      }
-    }
-    return sums;
   }
+  return sums;
 }
 
 // S[p] = s0[p] + s1[L-1-p].
@@ -366,8 +290,7 @@ template <typename T>
 void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restrict src, T* __restrict out0,
                 T* __restrict out1, const T* aux0, const T* aux1, NextRows<T>& next, double* dm) {
   if (aux0) {
-    double fine_sum[4][kLanes<T>] = {}, coarse_sum[4][kLanes<T>] = {};
-    RowSums<T> fine(fine_sum), coarse(coarse_sum);
+    RowSums<T> fine, coarse;
     for (const Piece<T>& p : pieces) {
       next.step();
       const PieceSums<T> t = piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o,
@@ -395,8 +318,7 @@ void scatter_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* s0, co
                  const T* __restrict aux, T* __restrict S, NextRows<T>& next, double* dm) {
   fold_directions(s0, s1, L, S);
   if (aux) {
-    double row_sum[4][kLanes<T>] = {};
-    RowSums<T> sums(row_sum);
+    RowSums<T> sums;
     for (const Piece<T>& p : pieces) {
       next.step();
       sums.add(p.qf, piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc).a);
@@ -410,6 +332,146 @@ void scatter_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* s0, co
   }
   next.finish();
 }
+
+#if defined(__SSE2__)
+// Float rows in blocks of R consecutive rows of one batch (in every stream the rows of a
+// block lie L elements apart): each piece's control work (its offsets, its tail, the
+// quadrant) is done once for the R rows. With a gradient, a row's lane sums of a piece
+// are added up to one float for the fine and one for the coarse quadrant (fixed order:
+// (l0 + l2) + (l1 + l3)), widened and added to the row's pair acc[r] = (fine, coarse),
+// which stays in a register while consecutive pieces keep their quadrants.
+template <Grad G, int R>
+struct BlockSums {
+  __m128d acc[R];
+  double fine[R][4], coarse[R][4];  // per row and quadrant, added when a quadrant changes
+  int qf, qc;
+  explicit BlockSums(int qf0, int qc0) : qf(qf0), qc(qc0) {
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm_setzero_pd();
+      for (int q = 0; q < 4; ++q) fine[r][q] = coarse[r][q] = 0;
+    }
+  }
+  inline void flush() {
+    for (int r = 0; r < R; ++r) {
+      fine[r][qf] += _mm_cvtsd_f64(acc[r]);
+      coarse[r][qc] += _mm_cvtsd_f64(_mm_unpackhi_pd(acc[r], acc[r]));
+      acc[r] = _mm_setzero_pd();
+    }
+  }
+  inline void quadrants(int qf_, int qc_) {
+    if (qf_ != qf || qc_ != qc) {
+      flush();
+      qf = qf_;
+      qc = qc_;
+    }
+  }
+  // acc[r] += (sum of the lanes of ta, sum of the lanes of tb)
+  inline void add(int r, __m128 ta, __m128 tb) {
+    const __m128 w = _mm_add_ps(_mm_unpacklo_ps(ta, tb), _mm_unpackhi_ps(ta, tb));  // a0+a2, b0+b2, a1+a3, b1+b3
+    acc[r] = _mm_add_pd(acc[r], _mm_cvtps_pd(_mm_add_ps(w, _mm_movehl_ps(w, w))));
+  }
+  // dm[r][q] += fine[r][q] - coarse[r][q]
+  void finish(double (*dm)[4]) {
+    flush();
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < 4; ++q) dm[r][q] += fine[r][q] - coarse[r][q];
+  }
+};
+
+// One piece for the R rows of a block: o_r[0:n] = ca * a_r[0:n] + cb * b_r[0:n] with
+// x_r = x + r * L; with a gradient, the terms of Grad go to sums (see piece_pass).
+template <Grad G, int R>
+inline void piece_block(float* o, const float* a, const float* b, const float* s, const float* srev, int64_t L,
+                        int64_t n, float ca, float cb, BlockSums<G, R>& sums) {
+  const __m128 va = _mm_set1_ps(ca), vb = _mm_set1_ps(cb);
+  __m128 ta[R], tb[R];
+  if (n < 4) {  // lanes past n are loaded as zeros and not stored
+    for (int r = 0; r < R; ++r) {
+      const int64_t k = r * L;
+      const __m128 xa = load_head(a + k, n), xb = load_head(b + k, n);
+      store_head(o + k, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)), n);
+      if constexpr (G == Grad::Gather) {
+        const __m128 xs = _mm_add_ps(load_head(s + k, n), load_head_reversed(srev + k, n));
+        ta[r] = _mm_mul_ps(xa, xs);
+        tb[r] = _mm_mul_ps(xb, xs);
+      } else if constexpr (G == Grad::Scatter) {
+        ta[r] = _mm_mul_ps(load_head(s + k, n), _mm_sub_ps(xa, xb));
+        tb[r] = _mm_setzero_ps();
+      }
+    }
+  } else {
+    for (int r = 0; r < R; ++r) ta[r] = tb[r] = _mm_setzero_ps();
+    // full chunks, then one overlapping last chunk: its writes repeat equal values, its
+    // sums keep only the lanes past the previous chunk.
+    alignas(16) static const uint32_t tail_mask[8] = {0, 0, 0, 0, ~0u, ~0u, ~0u, ~0u};
+    for (int64_t i = 0;; i += 4) {
+      __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(-1));
+      if (i + 4 > n) {
+        keep = _mm_loadu_ps(reinterpret_cast<const float*>(tail_mask) + (n - i));
+        i = n - 4;
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t k = r * L + i;
+        const __m128 xa = _mm_loadu_ps(a + k), xb = _mm_loadu_ps(b + k);
+        _mm_storeu_ps(o + k, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
+        if constexpr (G == Grad::Gather) {
+          const __m128 rv = _mm_loadu_ps(srev + r * L - i - 4);
+          const __m128 xs = _mm_and_ps(keep, _mm_add_ps(_mm_loadu_ps(s + k), _mm_shuffle_ps(rv, rv, _MM_SHUFFLE(0, 1, 2, 3))));
+          ta[r] = _mm_add_ps(ta[r], _mm_mul_ps(xa, xs));
+          tb[r] = _mm_add_ps(tb[r], _mm_mul_ps(xb, xs));
+        } else if constexpr (G == Grad::Scatter) {
+          const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + k));
+          ta[r] = _mm_add_ps(ta[r], _mm_mul_ps(xs, _mm_sub_ps(xa, xb)));
+        }
+      }
+      if (i + 4 == n) break;
+    }
+  }
+  if constexpr (G != Grad::None)
+    for (int r = 0; r < R; ++r) sums.add(r, ta[r], tb[r]);
+}
+
+// gather_row for the R float rows of a block (dm: R x 4).
+template <Grad G, int R>
+void gather_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* src, float* out0, float* out1,
+                  const float* aux0, const float* aux1, NextRows<float>& next, double (*dm)[4]) {
+  BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
+  for (const Piece<float>& p : pieces) {
+    next.step();
+    if constexpr (G != Grad::None) sums.quadrants(p.qf, p.qc);
+    piece_block<G, R>(out0 + p.o, src + p.f, src + p.c, G == Grad::None ? nullptr : aux0 + p.o,
+                      G == Grad::None ? nullptr : aux1 + (L - p.o), L, p.n, p.cf, p.cc, sums);
+  }
+  next.finish();
+  if constexpr (G != Grad::None) sums.finish(dm);
+  for (int r = 0; r < R; ++r) {
+    const float* o0 = out0 + r * L;
+    float* o1 = out1 + r * L;
+    for (int64_t q = 0; q < L; ++q) o1[q] = o0[L - 1 - q];
+  }
+}
+
+// scatter_row for the R float rows of a block; S holds R rows.
+template <Grad G, int R>
+void scatter_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* s0, const float* s1, float* dst,
+                   const float* aux, float* S, NextRows<float>& next, double (*dm)[4]) {
+  for (int r = 0; r < R; ++r) fold_directions(s0 + r * L, s1 + r * L, L, S + r * L);
+  BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
+  for (const Piece<float>& p : pieces) {
+    next.step();
+    if constexpr (G != Grad::None) sums.quadrants(p.qf, p.qc);
+    piece_block<G, R>(dst + p.o, S + p.f, S + p.c, G == Grad::None ? nullptr : aux + p.o, nullptr, L, p.n, p.cf,
+                      p.cc, sums);
+  }
+  next.finish();
+  if constexpr (G != Grad::None) sums.finish(dm);
+}
+#endif
+
+// Rows per block in the float passes: 4, or 2 for rows longer than 2048 (the block's streams
+// stay in the L1 and L2 caches); 1 when prefetching (streams from memory: more rows at once
+// measured slower).
+inline int block_rows(int64_t L, bool prefetch) { return prefetch ? 1 : L > 2048 ? 2 : 4; }
 
 // Sums the per-(b, d) partials over d in order: ddecision[b, q] = sum_d workspace[b, d, q].
 template <typename T>
@@ -427,21 +489,27 @@ void reduce_partials(const T* workspace, T* ddecision, int64_t B, int64_t D) {
 // come from memory rather than from the caches (measured at the model shapes on the CPU).
 constexpr int64_t kPrefetchBytes = 8 << 20;
 
-// Runs `row(bd, next, S, dm)` for every row bd = b * D + d in parallel; next holds the next
-// row's streams for prefetching, S is a row-sized scratch buffer and dm the row's 4
-// decision-gradient partials (copied to workspace when given).
+// Runs `block(bd, rows, next, S, dm)` for every row bd = b * D + d in parallel, in blocks
+// of `rows` = block_rows(L, prefetch) consecutive rows of one batch (single rows where a
+// batch or a thread's range ends; always single rows for float64); next holds the next
+// block's streams for prefetching, S is scratch for the block's rows and dm their 4
+// decision-gradient partials each (copied to workspace when given).
 template <typename T, typename F>
-void for_rows(int64_t B, int64_t D, int64_t L, bool prefetch, const TensorView& workspace, const F& row) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+void for_rows(int64_t B, int64_t D, int64_t L, bool prefetch, const TensorView& workspace, const F& block) {
+  const int R = std::is_same_v<T, float> ? block_rows(L, prefetch) : 1;
+  const int64_t grain = std::max<int64_t>(R, 16384 / std::max<int64_t>(L, 1));
   parallel_for(0, B * D, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<T> S(static_cast<size_t>(L));
-    for (int64_t bd = lo; bd < hi; ++bd) {
-      double dm[4] = {0, 0, 0, 0};
-      NextRows<T> next(prefetch && bd + 1 < hi, L);
-      row(bd, next, S.data(), dm);
+    std::vector<T> S(static_cast<size_t>(R * L));
+    for (int64_t bd = lo; bd < hi;) {
+      const int rows = bd % D + R <= D && bd + R <= hi ? R : 1;
+      double dm[4][4] = {};
+      NextRows<T> next(prefetch && bd + rows < hi, rows * L);
+      block(bd, rows, next, S.data(), dm);
       if (workspace.defined()) {
-        for (int q = 0; q < 4; ++q) workspace.ptr<T>()[bd * 4 + q] = static_cast<T>(dm[q]);
+        for (int r = 0; r < rows; ++r)
+          for (int q = 0; q < 4; ++q) workspace.ptr<T>()[(bd + r) * 4 + q] = static_cast<T>(dm[r][q]);
       }
+      bd += rows;
     }
   });
 }
@@ -464,15 +532,34 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
   const bool prefetch = (a ? 3 : 1) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
-  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, NextRows<T>& next, T* /*S*/, double* dm) {
+  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* /*S*/, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
-    next.add(x + (bd + 1) * L);
+    next.add(x + (bd + rows) * L);
     if (a) {
-      next.add(a + seq_offset(bd + 1, 0, D, L));
-      next.add(a + seq_offset(bd + 1, 1, D, L));
+      next.add(a + seq_offset(bd + rows, 0, D, L));
+      next.add(a + seq_offset(bd + rows, 1, D, L));
     }
-    gather_row<T>(L, pieces[bd / D], x + bd * L, o + s0, o + s1, a ? a + s0 : nullptr, a ? a + s1 : nullptr, next,
-                  dm);
+    const auto& pc = pieces[bd / D];
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      switch (rows) {
+        case 4:
+          if (a) gather_block<Grad::Gather, 4>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, next, dm);
+          else gather_block<Grad::None, 4>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, next, dm);
+          break;
+        case 2:
+          if (a) gather_block<Grad::Gather, 2>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, next, dm);
+          else gather_block<Grad::None, 2>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, next, dm);
+          break;
+        default:
+          if (a) gather_block<Grad::Gather, 1>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, next, dm);
+          else gather_block<Grad::None, 1>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, next, dm);
+          break;
+      }
+      return;
+    }
+#endif
+    gather_row<T>(L, pc, x + bd * L, o + s0, o + s1, a ? a + s0 : nullptr, a ? a + s1 : nullptr, next, dm[0]);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }
@@ -490,12 +577,32 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(scatter_pieces<T>(g, runs, dec + b * 4));
   const bool prefetch = (a ? 3 : 2) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
-  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, NextRows<T>& next, T* S, double* dm) {
+  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
-    next.add(s + seq_offset(bd + 1, 0, D, L));
-    next.add(s + seq_offset(bd + 1, 1, D, L));
-    if (a) next.add(a + (bd + 1) * L);
-    scatter_row<T>(L, pieces[bd / D], s + s0, s + s1, y + bd * L, a ? a + bd * L : nullptr, S, next, dm);
+    next.add(s + seq_offset(bd + rows, 0, D, L));
+    next.add(s + seq_offset(bd + rows, 1, D, L));
+    if (a) next.add(a + (bd + rows) * L);
+    const auto& pc = pieces[bd / D];
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      switch (rows) {
+        case 4:
+          if (a) scatter_block<Grad::Scatter, 4>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, next, dm);
+          else scatter_block<Grad::None, 4>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, next, dm);
+          break;
+        case 2:
+          if (a) scatter_block<Grad::Scatter, 2>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, next, dm);
+          else scatter_block<Grad::None, 2>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, next, dm);
+          break;
+        default:
+          if (a) scatter_block<Grad::Scatter, 1>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, next, dm);
+          else scatter_block<Grad::None, 1>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, next, dm);
+          break;
+      }
+      return;
+    }
+#endif
+    scatter_row<T>(L, pc, s + s0, s + s1, y + bd * L, a ? a + bd * L : nullptr, S, next, dm[0]);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }

@@ -233,6 +233,7 @@ CASES = [
     (2, 3, 4, 4, (2, -1), "quadtree"),
     (1, 3, 8, 44, (3, -13), "quadtree"),  # runs of 11: several vector chunks with an overlapping tail
     (2, 2, 8, 64, (-3, 21), "official"),  # runs of 16, split where the shift wraps
+    (1, 3, 48, 48, (5, -7), "quadtree"),  # rows longer than 2048: float rows in blocks of 2, then a single row
 ]
 
 
