@@ -15,8 +15,10 @@
 // quadrants), stored per (b, d) in the workspace and summed over d in order, so the result
 // does not depend on threading.
 // When a call's tensors are larger than the caches, each row prefetches the next row's
-// streams as it goes.
+// streams as it goes, and float rows are assembled in a scratch row and written to the
+// output with non-temporal stores (no read of the destination lines before the write).
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -431,19 +433,39 @@ inline void piece_block(float* o, const float* a, const float* b, const float* s
     for (int r = 0; r < R; ++r) sums.add(r, ta[r], tb[r]);
 }
 
-// gather_row for the R float rows of a block (dm: R x 4).
-template <Grad G, int R>
+// Row writes that bypass the caches (non-temporal stores; dst 16-byte aligned, L a
+// multiple of 4): for outputs larger than the caches they save reading each destination
+// line before it is written. dst = src, and dst = reverse(src).
+inline void stream_row(const float* src, float* dst, int64_t L) {
+  for (int64_t q = 0; q < L; q += 4) _mm_stream_ps(dst + q, _mm_loadu_ps(src + q));
+}
+inline void stream_row_reversed(const float* src, float* dst, int64_t L) {
+  for (int64_t q = 0; q < L; q += 4) {
+    const __m128 v = _mm_loadu_ps(src + (L - 4 - q));
+    _mm_stream_ps(dst + q, _mm_shuffle_ps(v, v, _MM_SHUFFLE(0, 1, 2, 3)));
+  }
+}
+
+// gather_row for the R float rows of a block (dm: R x 4). Stream (R = 1): the pieces
+// write to tmp (one row) and both directions are streamed from there to out0 / out1.
+template <Grad G, int R, bool Stream = false>
 void gather_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* src, float* out0, float* out1,
-                  const float* aux0, const float* aux1, NextRows<float>& next, double (*dm)[4]) {
+                  const float* aux0, const float* aux1, float* tmp, NextRows<float>& next, double (*dm)[4]) {
   BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
+  float* o = Stream ? tmp : out0;
   for (const Piece<float>& p : pieces) {
     next.step();
     if constexpr (G != Grad::None) sums.quadrants(p.qf, p.qc);
-    piece_block<G, R>(out0 + p.o, src + p.f, src + p.c, G == Grad::None ? nullptr : aux0 + p.o,
+    piece_block<G, R>(o + p.o, src + p.f, src + p.c, G == Grad::None ? nullptr : aux0 + p.o,
                       G == Grad::None ? nullptr : aux1 + (L - p.o), L, p.n, p.cf, p.cc, sums);
   }
   next.finish();
   if constexpr (G != Grad::None) sums.finish(dm);
+  if constexpr (Stream) {
+    stream_row(tmp, out0, L);
+    stream_row_reversed(tmp, out1, L);
+    return;
+  }
   for (int r = 0; r < R; ++r) {
     const float* o0 = out0 + r * L;
     float* o1 = out1 + r * L;
@@ -451,21 +473,25 @@ void gather_block(int64_t L, const std::vector<Piece<float>>& pieces, const floa
   }
 }
 
-// scatter_row for the R float rows of a block; S holds R rows.
-template <Grad G, int R>
+// scatter_row for the R float rows of a block; S holds R rows. Stream (R = 1): the pieces
+// write to tmp (one row) and the row is streamed from there to dst.
+template <Grad G, int R, bool Stream = false>
 void scatter_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* s0, const float* s1, float* dst,
-                   const float* aux, float* S, NextRows<float>& next, double (*dm)[4]) {
+                   const float* aux, float* S, float* tmp, NextRows<float>& next, double (*dm)[4]) {
   for (int r = 0; r < R; ++r) fold_directions(s0 + r * L, s1 + r * L, L, S + r * L);
   BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
+  float* o = Stream ? tmp : dst;
   for (const Piece<float>& p : pieces) {
     next.step();
     if constexpr (G != Grad::None) sums.quadrants(p.qf, p.qc);
-    piece_block<G, R>(dst + p.o, S + p.f, S + p.c, G == Grad::None ? nullptr : aux + p.o, nullptr, L, p.n, p.cf,
+    piece_block<G, R>(o + p.o, S + p.f, S + p.c, G == Grad::None ? nullptr : aux + p.o, nullptr, L, p.n, p.cf,
                       p.cc, sums);
   }
   next.finish();
   if constexpr (G != Grad::None) sums.finish(dm);
+  if constexpr (Stream) stream_row(tmp, dst, L);
 }
+
 #endif
 
 // Rows per block in the float passes: 4, or 2 for rows longer than 2048 (the block's streams
@@ -499,7 +525,7 @@ void for_rows(int64_t B, int64_t D, int64_t L, bool prefetch, const TensorView& 
   const int R = std::is_same_v<T, float> ? block_rows(L, prefetch) : 1;
   const int64_t grain = std::max<int64_t>(R, 16384 / std::max<int64_t>(L, 1));
   parallel_for(0, B * D, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<T> S(static_cast<size_t>(R * L));
+    std::vector<T> S(static_cast<size_t>(std::max(R, 2) * L));
     for (int64_t bd = lo; bd < hi;) {
       const int rows = bd % D + R <= D && bd + R <= hi ? R : 1;
       double dm[4][4] = {};
@@ -511,6 +537,9 @@ void for_rows(int64_t B, int64_t D, int64_t L, bool prefetch, const TensorView& 
       }
       bd += rows;
     }
+#if defined(__SSE2__)
+    _mm_sfence();  // the streamed rows are visible before the call returns
+#endif
   });
 }
 
@@ -532,8 +561,11 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
   const bool prefetch = (a ? 3 : 1) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
-  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* /*S*/, double (*dm)[4]) {
+  // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
+  const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(o) % 16 == 0;
+  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
+    T* tmp = stream && rows == 1 ? S + L : nullptr;
     next.add(x + (bd + rows) * L);
     if (a) {
       next.add(a + seq_offset(bd + rows, 0, D, L));
@@ -544,16 +576,18 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
     if constexpr (std::is_same_v<T, float>) {
       switch (rows) {
         case 4:
-          if (a) gather_block<Grad::Gather, 4>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, next, dm);
-          else gather_block<Grad::None, 4>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, next, dm);
+          if (a) gather_block<Grad::Gather, 4>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else gather_block<Grad::None, 4>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
           break;
         case 2:
-          if (a) gather_block<Grad::Gather, 2>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, next, dm);
-          else gather_block<Grad::None, 2>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, next, dm);
+          if (a) gather_block<Grad::Gather, 2>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else gather_block<Grad::None, 2>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
           break;
         default:
-          if (a) gather_block<Grad::Gather, 1>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, next, dm);
-          else gather_block<Grad::None, 1>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, next, dm);
+          if (a && tmp) gather_block<Grad::Gather, 1, true>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, tmp, next, dm);
+          else if (a) gather_block<Grad::Gather, 1>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else if (tmp) gather_block<Grad::None, 1, true>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, tmp, next, dm);
+          else gather_block<Grad::None, 1>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
           break;
       }
       return;
@@ -577,8 +611,11 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(scatter_pieces<T>(g, runs, dec + b * 4));
   const bool prefetch = (a ? 3 : 2) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
+  // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
+  const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(y) % 16 == 0;
   for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
+    T* tmp = stream && rows == 1 ? S + L : nullptr;
     next.add(s + seq_offset(bd + rows, 0, D, L));
     next.add(s + seq_offset(bd + rows, 1, D, L));
     if (a) next.add(a + (bd + rows) * L);
@@ -587,16 +624,18 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
     if constexpr (std::is_same_v<T, float>) {
       switch (rows) {
         case 4:
-          if (a) scatter_block<Grad::Scatter, 4>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, next, dm);
-          else scatter_block<Grad::None, 4>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, next, dm);
+          if (a) scatter_block<Grad::Scatter, 4>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else scatter_block<Grad::None, 4>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
           break;
         case 2:
-          if (a) scatter_block<Grad::Scatter, 2>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, next, dm);
-          else scatter_block<Grad::None, 2>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, next, dm);
+          if (a) scatter_block<Grad::Scatter, 2>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else scatter_block<Grad::None, 2>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
           break;
         default:
-          if (a) scatter_block<Grad::Scatter, 1>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, next, dm);
-          else scatter_block<Grad::None, 1>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, next, dm);
+          if (a && tmp) scatter_block<Grad::Scatter, 1, true>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, tmp, next, dm);
+          else if (a) scatter_block<Grad::Scatter, 1>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else if (tmp) scatter_block<Grad::None, 1, true>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, tmp, next, dm);
+          else scatter_block<Grad::None, 1>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
           break;
       }
       return;
