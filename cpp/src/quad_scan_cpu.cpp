@@ -7,10 +7,18 @@
 // their coefficients M and 1 - M; each piece is one pass that writes
 // M * fine + (1 - M) * coarse (both terms always, as the formula) and, in the backward
 // passes, adds the decision gradient of the same elements while they are loaded.
-// The decision gradient: per piece, 4 lanes summed in the data type (fixed order, at
-// most W/4 terms), widened and added to the row's double accumulators, stored per (b, d)
-// in the workspace and summed over d in order, so the result does not depend on threading.
+// Float rows go through the pieces in blocks of 2 or 4 rows of one batch (the pieces'
+// control work shared by the block; SSE2, 4 lanes); float64 rows one at a time.
+// The decision gradient: per piece and row, K lanes summed in the data type (fixed order,
+// at most W/4 terms; float then adds its 4 lanes up in a fixed order), widened and added to
+// the row's double sums (for float kept in registers while consecutive pieces keep their
+// quadrants), stored per (b, d) in the workspace and summed over d in order, so the result
+// does not depend on threading.
+// When a call's tensors are larger than the caches, each row prefetches the next row's
+// streams as it goes, and float rows are assembled in a scratch row and written to the
+// output with non-temporal stores (no read of the destination lines before the write).
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -85,77 +93,75 @@ enum class Grad { None, Gather, Scatter };
 template <typename T>
 constexpr int64_t kLanes = 16 / sizeof(T);
 
-// Per-piece sums: lane k sums the terms with index i = k (mod K) in a fixed order (at most
-// W/4 terms in T), then each lane is added to the row's double accumulator of its quadrant.
-template <typename T, Grad G>
-inline void piece_pass(T* __restrict o, const T* __restrict a, const T* __restrict b, const T* __restrict s,
-                       const T* __restrict srev, int64_t n, T ca, T cb, double* acc_a, double* acc_b) {  // acc_a may be acc_b
-  constexpr int64_t K = kLanes<T>;
-  T sa[K] = {}, sb[K] = {};
-  int64_t i = 0;
-#if defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (n >= K) {
-      // full chunks, then one overlapping last chunk: its writes repeat equal values, its
-      // sums keep only the lanes past the previous chunk.
-      alignas(16) static const uint32_t tail_mask[8] = {0, 0, 0, 0, ~0u, ~0u, ~0u, ~0u};
-      const __m128 va = _mm_set1_ps(ca), vb = _mm_set1_ps(cb);
-      __m128 ta = _mm_setzero_ps(), tb = _mm_setzero_ps();
-      for (;; i += K) {
-        __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(-1));
-        if (i + K > n) {
-          keep = _mm_loadu_ps(reinterpret_cast<const float*>(tail_mask) + (n - i));
-          i = n - K;
-        }
-        const __m128 xa = _mm_loadu_ps(a + i), xb = _mm_loadu_ps(b + i);
-        _mm_storeu_ps(o + i, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
-        if constexpr (G == Grad::Gather) {
-          const __m128 r = _mm_loadu_ps(srev - i - K);
-          const __m128 xs = _mm_and_ps(keep, _mm_add_ps(_mm_loadu_ps(s + i), _mm_shuffle_ps(r, r, _MM_SHUFFLE(0, 1, 2, 3))));
-          ta = _mm_add_ps(ta, _mm_mul_ps(xa, xs));
-          tb = _mm_add_ps(tb, _mm_mul_ps(xb, xs));
-        } else if constexpr (G == Grad::Scatter) {
-          const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + i));
-          ta = _mm_add_ps(ta, _mm_mul_ps(xs, _mm_sub_ps(xa, xb)));
-        }
-        if (i + K == n) break;
-      }
-      if constexpr (G != Grad::None) {
-        // lanes 0, 1 and 2, 3 widened to double and added to the accumulators
-        _mm_storeu_pd(acc_a, _mm_add_pd(_mm_loadu_pd(acc_a), _mm_cvtps_pd(ta)));
-        _mm_storeu_pd(acc_a + 2, _mm_add_pd(_mm_loadu_pd(acc_a + 2), _mm_cvtps_pd(_mm_movehl_ps(ta, ta))));
-      }
-      if constexpr (G == Grad::Gather) {
-        _mm_storeu_pd(acc_b, _mm_sub_pd(_mm_loadu_pd(acc_b), _mm_cvtps_pd(tb)));
-        _mm_storeu_pd(acc_b + 2, _mm_sub_pd(_mm_loadu_pd(acc_b + 2), _mm_cvtps_pd(_mm_movehl_ps(tb, tb))));
-      }
-      return;
-    }
+// The lane sums of one piece's decision-gradient terms: a for the fine term's quadrant, b
+// for the coarse term's (subtracted by Gather).
+template <typename T>
+struct PieceSums {
+  T a[kLanes<T>] = {}, b[kLanes<T>] = {};
+};
+
+// The decision-gradient sums of one row (the one-row path: float64): 4 quadrants x K lanes
+// in double, added in the order of the piece list (so the result does not depend on threading).
+template <typename T>
+struct RowSums {
+  static constexpr int64_t K = kLanes<T>;
+  double sum[4][K] = {};
+  inline void add(int q, const T* lanes) {
+    for (int64_t k = 0; k < K; ++k) sum[q][k] += static_cast<double>(lanes[k]);
   }
+  // dm[q] += sign * (sum of the lanes of quadrant q), for all q.
+  void finish(double* dm, double sign) {
+    for (int qq = 0; qq < 4; ++qq)
+      for (int64_t k = 0; k < K; ++k) dm[qq] += sign * sum[qq][k];
+  }
+};
+
+#if defined(__SSE2__)
+// Elements p[0:n] of a piece shorter than 4 in lanes 0..n-1, zeros above; reversed: lane i
+// holds p[-1-i] (the reversed direction).
+inline __m128 load_head(const float* p, int64_t n) {
+  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  return n == 1 ? _mm_load_ss(p) : n == 2 ? two : _mm_movelh_ps(two, _mm_load_ss(p + 2));
+}
+inline __m128 load_head_reversed(const float* p, int64_t n) {
+  const __m128 v = load_head(p - n, n);  // p[-n], ..., p[-1]
+  return n == 1 ? v : n == 2 ? _mm_shuffle_ps(v, v, _MM_SHUFFLE(3, 2, 0, 1)) : _mm_shuffle_ps(v, v, _MM_SHUFFLE(3, 0, 1, 2));
+}
+inline void store_head(float* p, __m128 v, int64_t n) {
+  if (n == 1) {
+    _mm_store_ss(p, v);
+  } else {
+    _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v));
+    if (n == 3) _mm_store_ss(p + 2, _mm_movehl_ps(v, v));
+  }
+}
 #endif
-  for (; i < n; ++i) {
+
+// One piece: o[0:n] = ca * a[0:n] + cb * b[0:n]; with a gradient, lane k of the returned sums
+// adds the terms with index i = k (mod K) in a fixed order (at most W/4 terms, in T):
+//   Gather:  a[i] * S[i] and b[i] * S[i], S[i] = s[i] + srev[-1 - i];
+//   Scatter: s[i] * (a[i] - b[i]).
+template <typename T, Grad G>
+inline PieceSums<T> piece_pass(T* __restrict o, const T* __restrict a, const T* __restrict b,
+                               const T* __restrict s, const T* __restrict srev, int64_t n, T ca, T cb) {
+  constexpr int64_t K = kLanes<T>;
+  PieceSums<T> sums;
+  for (int64_t i = 0; i < n; ++i) {
     o[i] = ca * a[i] + cb * b[i];
     if constexpr (G == Grad::Gather) {
       const T si = s[i] + srev[-1 - i];
-      sa[i % K] += a[i] * si;
-      sb[i % K] += b[i] * si;
+      sums.a[i % K] += a[i] * si;
+      sums.b[i % K] += b[i] * si;
     } else if constexpr (G == Grad::Scatter) {
-      sa[i % K] += s[i] * (a[i] - b[i]);
+      sums.a[i % K] += s[i] * (a[i] - b[i]);
     }
   }
-  if constexpr (G == Grad::Gather) {
-    for (int64_t k = 0; k < K; ++k) {
-      acc_a[k] += static_cast<double>(sa[k]);
-      acc_b[k] -= static_cast<double>(sb[k]);
-    }
-  } else if constexpr (G == Grad::Scatter) {
-    for (int64_t k = 0; k < K; ++k) acc_a[k] += static_cast<double>(sa[k]);
-  }
+  return sums;
 }
 
 // S[p] = s0[p] + s1[L-1-p].
 template <typename T>
-inline void fold_directions(const T* s0, const T* s1, int64_t L, T* S) {
+inline void fold_directions(const T* __restrict s0, const T* __restrict s1, int64_t L, T* __restrict S) {
   for (int64_t p = 0; p < L; ++p) S[p] = s0[p] + s1[L - 1 - p];
 }
 
@@ -249,24 +255,60 @@ std::vector<Piece<T>> scatter_pieces(const QuadGeometry& g, const std::vector<Sc
   return pieces;
 }
 
-// Gather pass for one (b, d) row: out0/out1 from the raster row src (quad_scan_fwd),
-// and when aux0 is given, dm[q] += the gather form of the decision gradient with
+// Software prefetch of the next row's streams, one cache line of each per piece (then the
+// rest of the row): the gather reads its source out of order, which the hardware prefetcher
+// cannot follow, and a row ends before the hardware catches up with the next one. Only
+// worth it when the tensors do not stay in the caches between calls; with rows already
+// cached the extra instructions cost more than they save.
+template <typename T>
+struct NextRows {
+  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  const T* row[3] = {nullptr, nullptr, nullptr};  // the streams row[0:n], each L elements
+  int n = 0;
+  int64_t ahead, L;
+  NextRows(bool on, int64_t L_) : ahead(on ? 0 : L_), L(L_) {}
+  inline void add(const T* r) { row[n++] = r; }
+  inline void step() {
+    if (ahead < L) {
+      switch (n) {
+        case 3: __builtin_prefetch(row[2] + ahead); [[fallthrough]];
+        case 2: __builtin_prefetch(row[1] + ahead); [[fallthrough]];
+        default: __builtin_prefetch(row[0] + ahead);
+      }
+      ahead += kLine;
+    }
+  }
+  inline void finish() {
+    while (ahead < L) step();
+  }
+};
+
+// Gather pass for one (b, d) row: out0 from the raster row src (quad_scan_fwd), and when
+// aux0 is given, dm[q] += the gather form of the decision gradient with
 // S = aux0 + reverse(aux1) (quad_merge_bwd):
 //   dM[Q(f(p))] += src[f(p)] * S[p];  dM[Q(c(p))] -= src[c(p)] * S[p].
+// Then out1 = reverse(out0).
 template <typename T>
 void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restrict src, T* __restrict out0,
-                T* __restrict out1, const T* aux0, const T* aux1, double* dm) {
-  constexpr int64_t K = kLanes<T>;
+                T* __restrict out1, const T* aux0, const T* aux1, NextRows<T>& next, double* dm) {
   if (aux0) {
-    double acc[4][K] = {};
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o, aux1 + (L - p.o), p.n, p.cf, p.cc, acc[p.qf], acc[p.qc]);
-    for (int q = 0; q < 4; ++q)
-      for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
+    RowSums<T> fine, coarse;
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      const PieceSums<T> t = piece_pass<T, Grad::Gather>(out0 + p.o, src + p.f, src + p.c, aux0 + p.o,
+                                                          aux1 + (L - p.o), p.n, p.cf, p.cc);
+      fine.add(p.qf, t.a);
+      coarse.add(p.qc, t.b);
+    }
+    fine.finish(dm, 1.0);
+    coarse.finish(dm, -1.0);
   } else {
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      piece_pass<T, Grad::None>(out0 + p.o, src + p.f, src + p.c, nullptr, nullptr, p.n, p.cf, p.cc);
+    }
   }
+  next.finish();
   for (int64_t q = 0; q < L; ++q) out1[q] = out0[L - 1 - q];
 }
 
@@ -275,20 +317,187 @@ void gather_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* __restr
 // row aux (quad_scan_bwd): dM[q] += sum_t aux[t] * (S[f^-1(t)] - S[c^-1(t)]).
 template <typename T>
 void scatter_row(int64_t L, const std::vector<Piece<T>>& pieces, const T* s0, const T* s1, T* __restrict dst,
-                 const T* __restrict aux, T* __restrict S, double* dm) {
-  constexpr int64_t K = kLanes<T>;
+                 const T* __restrict aux, T* __restrict S, NextRows<T>& next, double* dm) {
   fold_directions(s0, s1, L, S);
   if (aux) {
-    double acc[4][K] = {};
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc, acc[p.qf], nullptr);
-    for (int q = 0; q < 4; ++q)
-      for (int64_t k = 0; k < K; ++k) dm[q] += acc[q][k];
+    RowSums<T> sums;
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      sums.add(p.qf, piece_pass<T, Grad::Scatter>(dst + p.o, S + p.f, S + p.c, aux + p.o, nullptr, p.n, p.cf, p.cc).a);
+    }
+    sums.finish(dm, 1.0);
   } else {
-    for (const Piece<T>& p : pieces)
-      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, nullptr, p.n, p.cf, p.cc, nullptr, nullptr);
+    for (const Piece<T>& p : pieces) {
+      next.step();
+      piece_pass<T, Grad::None>(dst + p.o, S + p.f, S + p.c, nullptr, nullptr, p.n, p.cf, p.cc);
+    }
+  }
+  next.finish();
+}
+
+#if defined(__SSE2__)
+// Float rows in blocks of R consecutive rows of one batch (in every stream the rows of a
+// block lie L elements apart): each piece's control work (its offsets, its tail, the
+// quadrant) is done once for the R rows. With a gradient, a row's lane sums of a piece
+// are added up to one float for the fine and one for the coarse quadrant (fixed order:
+// (l0 + l2) + (l1 + l3)), widened and added to the row's pair acc[r] = (fine, coarse),
+// which stays in a register while consecutive pieces keep their quadrants.
+template <Grad G, int R>
+struct BlockSums {
+  __m128d acc[R];
+  double fine[R][4], coarse[R][4];  // per row and quadrant, added when a quadrant changes
+  int qf, qc;
+  explicit BlockSums(int qf0, int qc0) : qf(qf0), qc(qc0) {
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm_setzero_pd();
+      for (int q = 0; q < 4; ++q) fine[r][q] = coarse[r][q] = 0;
+    }
+  }
+  inline void flush() {
+    for (int r = 0; r < R; ++r) {
+      fine[r][qf] += _mm_cvtsd_f64(acc[r]);
+      coarse[r][qc] += _mm_cvtsd_f64(_mm_unpackhi_pd(acc[r], acc[r]));
+      acc[r] = _mm_setzero_pd();
+    }
+  }
+  inline void quadrants(int qf_, int qc_) {
+    if (qf_ != qf || qc_ != qc) {
+      flush();
+      qf = qf_;
+      qc = qc_;
+    }
+  }
+  // acc[r] += (sum of the lanes of ta, sum of the lanes of tb)
+  inline void add(int r, __m128 ta, __m128 tb) {
+    const __m128 w = _mm_add_ps(_mm_unpacklo_ps(ta, tb), _mm_unpackhi_ps(ta, tb));  // a0+a2, b0+b2, a1+a3, b1+b3
+    acc[r] = _mm_add_pd(acc[r], _mm_cvtps_pd(_mm_add_ps(w, _mm_movehl_ps(w, w))));
+  }
+  // dm[r][q] += fine[r][q] - coarse[r][q]
+  void finish(double (*dm)[4]) {
+    flush();
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < 4; ++q) dm[r][q] += fine[r][q] - coarse[r][q];
+  }
+};
+
+// One piece for the R rows of a block: o_r[0:n] = ca * a_r[0:n] + cb * b_r[0:n] with
+// x_r = x + r * L; with a gradient, the terms of Grad go to sums (see piece_pass).
+template <Grad G, int R>
+inline void piece_block(float* o, const float* a, const float* b, const float* s, const float* srev, int64_t L,
+                        int64_t n, float ca, float cb, BlockSums<G, R>& sums) {
+  const __m128 va = _mm_set1_ps(ca), vb = _mm_set1_ps(cb);
+  __m128 ta[R], tb[R];
+  if (n < 4) {  // lanes past n are loaded as zeros and not stored
+    for (int r = 0; r < R; ++r) {
+      const int64_t k = r * L;
+      const __m128 xa = load_head(a + k, n), xb = load_head(b + k, n);
+      store_head(o + k, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)), n);
+      if constexpr (G == Grad::Gather) {
+        const __m128 xs = _mm_add_ps(load_head(s + k, n), load_head_reversed(srev + k, n));
+        ta[r] = _mm_mul_ps(xa, xs);
+        tb[r] = _mm_mul_ps(xb, xs);
+      } else if constexpr (G == Grad::Scatter) {
+        ta[r] = _mm_mul_ps(load_head(s + k, n), _mm_sub_ps(xa, xb));
+        tb[r] = _mm_setzero_ps();
+      }
+    }
+  } else {
+    for (int r = 0; r < R; ++r) ta[r] = tb[r] = _mm_setzero_ps();
+    // full chunks, then one overlapping last chunk: its writes repeat equal values, its
+    // sums keep only the lanes past the previous chunk.
+    alignas(16) static const uint32_t tail_mask[8] = {0, 0, 0, 0, ~0u, ~0u, ~0u, ~0u};
+    for (int64_t i = 0;; i += 4) {
+      __m128 keep = _mm_castsi128_ps(_mm_set1_epi32(-1));
+      if (i + 4 > n) {
+        keep = _mm_loadu_ps(reinterpret_cast<const float*>(tail_mask) + (n - i));
+        i = n - 4;
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t k = r * L + i;
+        const __m128 xa = _mm_loadu_ps(a + k), xb = _mm_loadu_ps(b + k);
+        _mm_storeu_ps(o + k, _mm_add_ps(_mm_mul_ps(va, xa), _mm_mul_ps(vb, xb)));
+        if constexpr (G == Grad::Gather) {
+          const __m128 rv = _mm_loadu_ps(srev + r * L - i - 4);
+          const __m128 xs = _mm_and_ps(keep, _mm_add_ps(_mm_loadu_ps(s + k), _mm_shuffle_ps(rv, rv, _MM_SHUFFLE(0, 1, 2, 3))));
+          ta[r] = _mm_add_ps(ta[r], _mm_mul_ps(xa, xs));
+          tb[r] = _mm_add_ps(tb[r], _mm_mul_ps(xb, xs));
+        } else if constexpr (G == Grad::Scatter) {
+          const __m128 xs = _mm_and_ps(keep, _mm_loadu_ps(s + k));
+          ta[r] = _mm_add_ps(ta[r], _mm_mul_ps(xs, _mm_sub_ps(xa, xb)));
+        }
+      }
+      if (i + 4 == n) break;
+    }
+  }
+  if constexpr (G != Grad::None)
+    for (int r = 0; r < R; ++r) sums.add(r, ta[r], tb[r]);
+}
+
+// Row writes that bypass the caches (non-temporal stores; dst 16-byte aligned, L a
+// multiple of 4): for outputs larger than the caches they save reading each destination
+// line before it is written. dst = src, and dst = reverse(src).
+inline void stream_row(const float* src, float* dst, int64_t L) {
+  for (int64_t q = 0; q < L; q += 4) _mm_stream_ps(dst + q, _mm_loadu_ps(src + q));
+}
+inline void stream_row_reversed(const float* src, float* dst, int64_t L) {
+  for (int64_t q = 0; q < L; q += 4) {
+    const __m128 v = _mm_loadu_ps(src + (L - 4 - q));
+    _mm_stream_ps(dst + q, _mm_shuffle_ps(v, v, _MM_SHUFFLE(0, 1, 2, 3)));
   }
 }
+
+// gather_row for the R float rows of a block (dm: R x 4). Stream (R = 1): the pieces
+// write to tmp (one row) and both directions are streamed from there to out0 / out1.
+template <Grad G, int R, bool Stream = false>
+void gather_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* src, float* out0, float* out1,
+                  const float* aux0, const float* aux1, float* tmp, NextRows<float>& next, double (*dm)[4]) {
+  BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
+  float* o = Stream ? tmp : out0;
+  for (const Piece<float>& p : pieces) {
+    next.step();
+    if constexpr (G != Grad::None) sums.quadrants(p.qf, p.qc);
+    piece_block<G, R>(o + p.o, src + p.f, src + p.c, G == Grad::None ? nullptr : aux0 + p.o,
+                      G == Grad::None ? nullptr : aux1 + (L - p.o), L, p.n, p.cf, p.cc, sums);
+  }
+  next.finish();
+  if constexpr (G != Grad::None) sums.finish(dm);
+  if constexpr (Stream) {
+    stream_row(tmp, out0, L);
+    stream_row_reversed(tmp, out1, L);
+    return;
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* o0 = out0 + r * L;
+    float* o1 = out1 + r * L;
+    for (int64_t q = 0; q < L; ++q) o1[q] = o0[L - 1 - q];
+  }
+}
+
+// scatter_row for the R float rows of a block; S holds R rows. Stream (R = 1): the pieces
+// write to tmp (one row) and the row is streamed from there to dst.
+template <Grad G, int R, bool Stream = false>
+void scatter_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* s0, const float* s1, float* dst,
+                   const float* aux, float* S, float* tmp, NextRows<float>& next, double (*dm)[4]) {
+  for (int r = 0; r < R; ++r) fold_directions(s0 + r * L, s1 + r * L, L, S + r * L);
+  BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
+  float* o = Stream ? tmp : dst;
+  for (const Piece<float>& p : pieces) {
+    next.step();
+    if constexpr (G != Grad::None) sums.quadrants(p.qf, p.qc);
+    piece_block<G, R>(o + p.o, S + p.f, S + p.c, G == Grad::None ? nullptr : aux + p.o, nullptr, L, p.n, p.cf,
+                      p.cc, sums);
+  }
+  next.finish();
+  if constexpr (G != Grad::None) sums.finish(dm);
+  if constexpr (Stream) stream_row(tmp, dst, L);
+}
+
+#endif
+
+// Rows per block in the float passes: 4, or 2 for rows longer than 2048 (the block's streams
+// stay in the L1 and L2 caches); 1 when prefetching (streams from memory: more rows at once
+// measured slower).
+inline int block_rows(int64_t L, bool prefetch) { return prefetch ? 1 : L > 2048 ? 2 : 4; }
 
 // Sums the per-(b, d) partials over d in order: ddecision[b, q] = sum_d workspace[b, d, q].
 template <typename T>
@@ -302,21 +511,41 @@ void reduce_partials(const T* workspace, T* ddecision, int64_t B, int64_t D) {
   }
 }
 
-// Runs `row(b, d, S, dm)` for every (b, d) in parallel; S is a row-sized scratch buffer
-// and dm the row's 4 decision-gradient partials (copied to workspace when given).
+// Whether the passes prefetch the next rows: when the bytes a call reads exceed this, they
+// come from memory rather than from the caches (measured at the model shapes on the CPU).
+constexpr int64_t kPrefetchBytes = 8 << 20;
+
+// Runs `block(bd, rows, next, S, dm)` for every row bd = b * D + d in parallel, in blocks
+// of `rows` = block_rows(L, prefetch) consecutive rows of one batch (single rows where a
+// batch or a thread's range ends; always single rows for float64); next holds the next
+// block's streams for prefetching, S is scratch for the block's rows and dm their 4
+// decision-gradient partials each (copied to workspace when given).
 template <typename T, typename F>
-void for_rows(int64_t B, int64_t D, int64_t L, const TensorView& workspace, const F& row) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1));
+void for_rows(int64_t B, int64_t D, int64_t L, bool prefetch, const TensorView& workspace, const F& block) {
+  const int R = std::is_same_v<T, float> ? block_rows(L, prefetch) : 1;
+  const int64_t grain = std::max<int64_t>(R, 16384 / std::max<int64_t>(L, 1));
   parallel_for(0, B * D, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<T> S(static_cast<size_t>(L));
-    for (int64_t bd = lo; bd < hi; ++bd) {
-      double dm[4] = {0, 0, 0, 0};
-      row(bd / D, bd % D, S.data(), dm);
+    std::vector<T> S(static_cast<size_t>(std::max(R, 2) * L));
+    for (int64_t bd = lo; bd < hi;) {
+      const int rows = bd % D + R <= D && bd + R <= hi ? R : 1;
+      double dm[4][4] = {};
+      NextRows<T> next(prefetch && bd + rows < hi, rows * L);
+      block(bd, rows, next, S.data(), dm);
       if (workspace.defined()) {
-        for (int q = 0; q < 4; ++q) workspace.ptr<T>()[bd * 4 + q] = static_cast<T>(dm[q]);
+        for (int r = 0; r < rows; ++r)
+          for (int q = 0; q < 4; ++q) workspace.ptr<T>()[(bd + r) * 4 + q] = static_cast<T>(dm[r][q]);
       }
+      bd += rows;
     }
+#if defined(__SSE2__)
+    _mm_sfence();  // the streamed rows are visible before the call returns
+#endif
   });
+}
+
+// Offset of row bd = b * D + d of direction dir in a (B, 2, D, L) sequence.
+inline int64_t seq_offset(int64_t bd, int dir, int64_t D, int64_t L) {
+  return ((bd / D * 2 + dir) * D + bd % D) * L;
 }
 
 template <typename T>
@@ -331,10 +560,40 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   const std::vector<GatherRun> runs = gather_runs(g);
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
-  for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* /*S*/, double* dm) {
-    const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
-    gather_row<T>(L, pieces[b], x + (b * D + d) * L, o + seq0, o + seq1, a ? a + seq0 : nullptr,
-                  a ? a + seq1 : nullptr, dm);
+  const bool prefetch = (a ? 3 : 1) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
+  // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
+  const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(o) % 16 == 0;
+  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
+    const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
+    T* tmp = stream && rows == 1 ? S + L : nullptr;
+    next.add(x + (bd + rows) * L);
+    if (a) {
+      next.add(a + seq_offset(bd + rows, 0, D, L));
+      next.add(a + seq_offset(bd + rows, 1, D, L));
+    }
+    const auto& pc = pieces[bd / D];
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      switch (rows) {
+        case 4:
+          if (a) gather_block<Grad::Gather, 4>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else gather_block<Grad::None, 4>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
+          break;
+        case 2:
+          if (a) gather_block<Grad::Gather, 2>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else gather_block<Grad::None, 2>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
+          break;
+        default:
+          if (a && tmp) gather_block<Grad::Gather, 1, true>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, tmp, next, dm);
+          else if (a) gather_block<Grad::Gather, 1>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else if (tmp) gather_block<Grad::None, 1, true>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, tmp, next, dm);
+          else gather_block<Grad::None, 1>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
+          break;
+      }
+      return;
+    }
+#endif
+    gather_row<T>(L, pc, x + bd * L, o + s0, o + s1, a ? a + s0 : nullptr, a ? a + s1 : nullptr, next, dm[0]);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }
@@ -351,10 +610,38 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   const std::vector<ScatterRun> runs = scatter_runs(g);
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(scatter_pieces<T>(g, runs, dec + b * 4));
-  for_rows<T>(B, D, L, workspace, [&](int64_t b, int64_t d, T* S, double* dm) {
-    const int64_t seq0 = ((b * 2) * D + d) * L, seq1 = ((b * 2 + 1) * D + d) * L;
-    const int64_t r = (b * D + d) * L;
-    scatter_row<T>(L, pieces[b], s + seq0, s + seq1, y + r, a ? a + r : nullptr, S, dm);
+  const bool prefetch = (a ? 3 : 2) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
+  // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
+  const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
+    const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
+    T* tmp = stream && rows == 1 ? S + L : nullptr;
+    next.add(s + seq_offset(bd + rows, 0, D, L));
+    next.add(s + seq_offset(bd + rows, 1, D, L));
+    if (a) next.add(a + (bd + rows) * L);
+    const auto& pc = pieces[bd / D];
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) {
+      switch (rows) {
+        case 4:
+          if (a) scatter_block<Grad::Scatter, 4>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else scatter_block<Grad::None, 4>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
+          break;
+        case 2:
+          if (a) scatter_block<Grad::Scatter, 2>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else scatter_block<Grad::None, 2>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
+          break;
+        default:
+          if (a && tmp) scatter_block<Grad::Scatter, 1, true>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, tmp, next, dm);
+          else if (a) scatter_block<Grad::Scatter, 1>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else if (tmp) scatter_block<Grad::None, 1, true>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, tmp, next, dm);
+          else scatter_block<Grad::None, 1>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
+          break;
+      }
+      return;
+    }
+#endif
+    scatter_row<T>(L, pc, s + s0, s + s1, y + bd * L, a ? a + bd * L : nullptr, S, next, dm[0]);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
 }

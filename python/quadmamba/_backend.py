@@ -39,10 +39,14 @@ def view(t: torch.Tensor | None):
     code = _DTYPE_CODES.get(t.dtype)
     if code is None:
         raise TypeError(f"quadmamba kernels do not support dtype {t.dtype}")
-    device = t.device.index if t.device.type == "cuda" else -1
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"quadmamba kernels run on CPU or CUDA tensors, got device {t.device}")
-    return (t.data_ptr(), code, device, tuple(t.shape), tuple(t.stride()))
+    dev = t.device
+    if dev.type == "cpu":
+        index = -1
+    elif dev.type == "cuda":
+        index = dev.index
+    else:
+        raise ValueError(f"quadmamba kernels run on CPU or CUDA tensors, got device {dev}")
+    return (t.data_ptr(), code, index, tuple(t.shape), t.stride())
 
 
 def stream(t: torch.Tensor) -> int:

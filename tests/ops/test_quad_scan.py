@@ -233,6 +233,7 @@ CASES = [
     (2, 3, 4, 4, (2, -1), "quadtree"),
     (1, 3, 8, 44, (3, -13), "quadtree"),  # runs of 11: several vector chunks with an overlapping tail
     (2, 2, 8, 64, (-3, 21), "official"),  # runs of 16, split where the shift wraps
+    (1, 3, 48, 48, (5, -7), "quadtree"),  # rows longer than 2048: float rows in blocks of 2, then a single row
 ]
 
 
@@ -259,6 +260,33 @@ def test_kernels_match_reference(device, batch, channels, height, width, shift, 
     rdys, rdd = torch.autograd.grad(yref, (ys, decision), gy)
     torch.testing.assert_close(dys, rdys, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dd, rdd, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-4)
+
+
+def test_tensors_larger_than_the_caches():
+    """Float CPU tensors of over 8 MB take the prefetching, streaming-store row path (single rows
+    assembled in scratch and written with non-temporal stores); it must match the reference like
+    the cached paths. 136 channels of 128 x 128: every pass reads over 8 MB."""
+    batch, channels, height, width, shift = 1, 136, 128, 128, (19, -45)
+    x = torch.randn(batch, channels, height, width, requires_grad=True)
+    decision = torch.tensor([[0.0, 0.0, 1.0, 0.0]], requires_grad=True)
+    out = quad_scan(x, decision, shift)
+    ref = quad_scan_ref(x, decision, shift)
+    assert torch.equal(out, ref), f"forward max diff {(out - ref).abs().max().item()}"
+    g = torch.randn_like(out)
+    dx, dd = torch.autograd.grad(out, (x, decision), g)
+    rdx, rdd = torch.autograd.grad(ref, (x, decision), g)
+    torch.testing.assert_close(dx, rdx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dd, rdd, rtol=1e-4, atol=1e-2)
+
+    ys = torch.randn(batch, 2, channels, height * width, requires_grad=True)
+    y = quad_merge(ys, decision, (height, width), shift)
+    yref = quad_merge_ref(ys, decision, (height, width), shift)
+    torch.testing.assert_close(y, yref, rtol=1e-6, atol=1e-6)
+    gy = torch.randn_like(y)
+    dys, dd = torch.autograd.grad(y, (ys, decision), gy)
+    rdys, rdd = torch.autograd.grad(yref, (ys, decision), gy)
+    torch.testing.assert_close(dys, rdys, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dd, rdd, rtol=1e-4, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
