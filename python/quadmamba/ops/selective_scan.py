@@ -10,6 +10,10 @@ Precision: the scan always runs in float32 (float64 for float64 inputs). On the 
 float16/bfloat16 inputs are upcast to float32 first; on CUDA the kernels read them
 directly. The output has the dtype of ``u``; each gradient has the dtype of its input.
 Autocast does not touch the op: it takes the dtypes it is given.
+
+Determinism: the CPU backward always reduces in a fixed order. The CUDA backward uses
+atomics unless ``torch.are_deterministic_algorithms_enabled()``, then fixed-order
+reductions of per-row partial sums.
 """
 from __future__ import annotations
 
