@@ -45,7 +45,9 @@ struct LaneGroup {
 };
 
 #define QM_SCAN_NS generic
+#define QM_SCAN_AVX2 0
 #include "selective_scan_cpu_kernel.inc"
+#undef QM_SCAN_AVX2
 #undef QM_SCAN_NS
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -53,7 +55,9 @@ struct LaneGroup {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define QM_SCAN_NS avx2
+#define QM_SCAN_AVX2 1
 #include "selective_scan_cpu_kernel.inc"
+#undef QM_SCAN_AVX2
 #undef QM_SCAN_NS
 #pragma GCC pop_options
 #endif
