@@ -15,8 +15,9 @@
 // quadrants), stored per (b, d) in the workspace and summed over d in order, so the result
 // does not depend on threading.
 // Where the CPU has AVX, float rows from cached tensors take 8-lane passes without a
-// gradient (the forward passes), and every float pass reverses / folds its rows 8 lanes
-// wide; the values are the same as with the 4-lane code (no FMA, same sums).
+// gradient (the forward passes), and the float passes with a gradient reverse / fold their
+// rows 8 lanes wide (not the streamed rows); the values are the same as with the 4-lane
+// code (no FMA, same sums).
 // When a call's tensors are larger than the caches, each row prefetches the next row's
 // streams as it goes, and float rows are assembled in a scratch row and written to the
 // output with non-temporal stores (no read of the destination lines before the write).
@@ -542,7 +543,7 @@ template <Grad G, int R, bool Stream = false>
 void scatter_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* s0, const float* s1, float* dst,
                    const float* aux, float* S, float* tmp, NextRows<float>& next, double (*dm)[4]) {
   for (int r = 0; r < R; ++r) {
-    if (has_avx()) fold_directions_avx(s0 + r * L, s1 + r * L, L, S + r * L);
+    if (!Stream && has_avx()) fold_directions_avx(s0 + r * L, s1 + r * L, L, S + r * L);  // (streamed: measured slower)
     else fold_directions(s0 + r * L, s1 + r * L, L, S + r * L);
   }
   BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
