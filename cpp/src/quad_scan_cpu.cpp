@@ -14,6 +14,10 @@
 // the row's double sums (for float kept in registers while consecutive pieces keep their
 // quadrants), stored per (b, d) in the workspace and summed over d in order, so the result
 // does not depend on threading.
+// Where the CPU has AVX, float rows from cached tensors take 8-lane passes without a
+// gradient (the forward passes), and the float passes with a gradient reverse / fold their
+// rows 8 lanes wide (not the streamed rows); the values are the same as with the 4-lane
+// code (no FMA, same sums).
 // When a call's tensors are larger than the caches, each row prefetches the next row's
 // streams as it goes, and float rows are assembled in a scratch row and written to the
 // output with non-temporal stores (no read of the destination lines before the write).
@@ -21,7 +25,7 @@
 #include <cstdint>
 #include <type_traits>
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
 #include <vector>
 
@@ -117,6 +121,22 @@ struct RowSums {
 };
 
 #if defined(__SSE2__)
+// Whether the CPU runs AVX (8-lane float vectors); checked once.
+inline bool has_avx() {
+  static const bool avx = (__builtin_cpu_init(), __builtin_cpu_supports("avx"));
+  return avx;
+}
+
+// o1 = reverse(o0) and S = s0 + reverse(s1) (fold_directions) for float rows, compiled for
+// AVX (called only where has_avx()); the same values as the generic loops.
+__attribute__((target("avx"))) void reverse_row_avx(const float* __restrict o0, float* __restrict o1, int64_t L) {
+  for (int64_t q = 0; q < L; ++q) o1[q] = o0[L - 1 - q];
+}
+__attribute__((target("avx"))) void fold_directions_avx(const float* __restrict s0, const float* __restrict s1,
+                                                        int64_t L, float* __restrict S) {
+  for (int64_t p = 0; p < L; ++p) S[p] = s0[p] + s1[L - 1 - p];
+}
+
 // Elements p[0:n] of a piece shorter than 4 in lanes 0..n-1, zeros above; reversed: lane i
 // holds p[-1-i] (the reversed direction).
 inline __m128 load_head(const float* p, int64_t n) {
@@ -433,6 +453,46 @@ inline void piece_block(float* o, const float* a, const float* b, const float* s
     for (int r = 0; r < R; ++r) sums.add(r, ta[r], tb[r]);
 }
 
+// The passes without a gradient (quad_scan_fwd, quad_merge_fwd) for float rows from cached
+// tensors, compiled for AVX (called only where has_avx()): pieces of 8 or more in 8-lane
+// chunks, then one overlapping last chunk (its writes repeat equal values); shorter pieces
+// as in piece_block. Each element is ca * a + cb * b as there (no FMA): identical results.
+template <int R>
+__attribute__((target("avx"))) inline void piece_block_avx(float* o, const float* a, const float* b, int64_t L,
+                                                           int64_t n, float ca, float cb) {
+  if (n < 8) {
+    BlockSums<Grad::None, R> none(0, 0);
+    piece_block<Grad::None, R>(o, a, b, nullptr, nullptr, L, n, ca, cb, none);
+    return;
+  }
+  const __m256 va = _mm256_set1_ps(ca), vb = _mm256_set1_ps(cb);
+  for (int64_t i = 0;; i += 8) {
+    if (i + 8 > n) i = n - 8;
+    for (int r = 0; r < R; ++r) {
+      const int64_t k = r * L + i;
+      const __m256 xa = _mm256_loadu_ps(a + k), xb = _mm256_loadu_ps(b + k);
+      _mm256_storeu_ps(o + k, _mm256_add_ps(_mm256_mul_ps(va, xa), _mm256_mul_ps(vb, xb)));
+    }
+    if (i + 8 == n) break;
+  }
+}
+
+// gather_block<Grad::None, R> (no streaming, no prefetch) with piece_block_avx.
+template <int R>
+__attribute__((target("avx"))) void gather_block_avx(int64_t L, const std::vector<Piece<float>>& pieces,
+                                                     const float* src, float* out0, float* out1) {
+  for (const Piece<float>& p : pieces) piece_block_avx<R>(out0 + p.o, src + p.f, src + p.c, L, p.n, p.cf, p.cc);
+  for (int r = 0; r < R; ++r) reverse_row_avx(out0 + r * L, out1 + r * L, L);
+}
+
+// scatter_block<Grad::None, R> (no streaming, no prefetch) with piece_block_avx.
+template <int R>
+__attribute__((target("avx"))) void scatter_block_avx(int64_t L, const std::vector<Piece<float>>& pieces,
+                                                      const float* s0, const float* s1, float* dst, float* S) {
+  for (int r = 0; r < R; ++r) fold_directions_avx(s0 + r * L, s1 + r * L, L, S + r * L);
+  for (const Piece<float>& p : pieces) piece_block_avx<R>(dst + p.o, S + p.f, S + p.c, L, p.n, p.cf, p.cc);
+}
+
 // Row writes that bypass the caches (non-temporal stores; dst 16-byte aligned, L a
 // multiple of 4): for outputs larger than the caches they save reading each destination
 // line before it is written. dst = src, and dst = reverse(src).
@@ -469,6 +529,10 @@ void gather_block(int64_t L, const std::vector<Piece<float>>& pieces, const floa
   for (int r = 0; r < R; ++r) {
     const float* o0 = out0 + r * L;
     float* o1 = out1 + r * L;
+    if (has_avx()) {
+      reverse_row_avx(o0, o1, L);
+      continue;
+    }
     for (int64_t q = 0; q < L; ++q) o1[q] = o0[L - 1 - q];
   }
 }
@@ -478,7 +542,10 @@ void gather_block(int64_t L, const std::vector<Piece<float>>& pieces, const floa
 template <Grad G, int R, bool Stream = false>
 void scatter_block(int64_t L, const std::vector<Piece<float>>& pieces, const float* s0, const float* s1, float* dst,
                    const float* aux, float* S, float* tmp, NextRows<float>& next, double (*dm)[4]) {
-  for (int r = 0; r < R; ++r) fold_directions(s0 + r * L, s1 + r * L, L, S + r * L);
+  for (int r = 0; r < R; ++r) {
+    if (!Stream && has_avx()) fold_directions_avx(s0 + r * L, s1 + r * L, L, S + r * L);  // (streamed: measured slower)
+    else fold_directions(s0 + r * L, s1 + r * L, L, S + r * L);
+  }
   BlockSums<G, R> sums(pieces.empty() ? 0 : pieces[0].qf, pieces.empty() ? 0 : pieces[0].qc);
   float* o = Stream ? tmp : dst;
   for (const Piece<float>& p : pieces) {
@@ -563,6 +630,9 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   const bool prefetch = (a ? 3 : 1) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
   // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
   const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(o) % 16 == 0;
+#if defined(__SSE2__)
+  const bool avx = !prefetch && has_avx();  // the forward pass 8 lanes wide
+#endif
   for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
     T* tmp = stream && rows == 1 ? S + L : nullptr;
@@ -577,16 +647,19 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
       switch (rows) {
         case 4:
           if (a) gather_block<Grad::Gather, 4>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else if (avx) gather_block_avx<4>(L, pc, x + bd * L, o + s0, o + s1);
           else gather_block<Grad::None, 4>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
           break;
         case 2:
           if (a) gather_block<Grad::Gather, 2>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+          else if (avx) gather_block_avx<2>(L, pc, x + bd * L, o + s0, o + s1);
           else gather_block<Grad::None, 2>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
           break;
         default:
           if (a && tmp) gather_block<Grad::Gather, 1, true>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, tmp, next, dm);
           else if (a) gather_block<Grad::Gather, 1>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
           else if (tmp) gather_block<Grad::None, 1, true>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, tmp, next, dm);
+          else if (avx) gather_block_avx<1>(L, pc, x + bd * L, o + s0, o + s1);
           else gather_block<Grad::None, 1>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
           break;
       }
@@ -613,6 +686,9 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   const bool prefetch = (a ? 3 : 2) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
   // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
   const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+#if defined(__SSE2__)
+  const bool avx = !prefetch && has_avx();  // the forward pass 8 lanes wide
+#endif
   for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
     T* tmp = stream && rows == 1 ? S + L : nullptr;
@@ -625,16 +701,19 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
       switch (rows) {
         case 4:
           if (a) scatter_block<Grad::Scatter, 4>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else if (avx) scatter_block_avx<4>(L, pc, s + s0, s + s1, y + bd * L, S);
           else scatter_block<Grad::None, 4>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
           break;
         case 2:
           if (a) scatter_block<Grad::Scatter, 2>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+          else if (avx) scatter_block_avx<2>(L, pc, s + s0, s + s1, y + bd * L, S);
           else scatter_block<Grad::None, 2>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
           break;
         default:
           if (a && tmp) scatter_block<Grad::Scatter, 1, true>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, tmp, next, dm);
           else if (a) scatter_block<Grad::Scatter, 1>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
           else if (tmp) scatter_block<Grad::None, 1, true>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, tmp, next, dm);
+          else if (avx) scatter_block_avx<1>(L, pc, s + s0, s + s1, y + bd * L, S);
           else scatter_block<Grad::None, 1>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
           break;
       }
