@@ -121,9 +121,9 @@ struct RowSums {
 };
 
 #if defined(__SSE2__)
-// Whether the CPU runs AVX (8-lane float vectors); checked once.
+// Whether the CPU runs AVX (8-lane float vectors) and cpu_generic_forced() is false; checked once.
 inline bool has_avx() {
-  static const bool avx = (__builtin_cpu_init(), __builtin_cpu_supports("avx"));
+  static const bool avx = (__builtin_cpu_init(), __builtin_cpu_supports("avx")) && !cpu_generic_forced();
   return avx;
 }
 

@@ -5,9 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -62,12 +60,10 @@ struct LaneGroup {
 #pragma GCC pop_options
 #endif
 
-// The AVX2 kernels run when the CPU has AVX2 and FMA, unless the environment sets
-// QUADMAMBA_CPU_GENERIC=1 (read once; lets the tests run the generic kernels too).
+// The AVX2 kernels run when the CPU has AVX2 and FMA, unless cpu_generic_forced().
 bool use_avx2() {
 #if defined(QM_SCAN_HAVE_AVX2)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         !(std::getenv("QUADMAMBA_CPU_GENERIC") && std::string(std::getenv("QUADMAMBA_CPU_GENERIC")) == "1");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !cpu_generic_forced();
   return ok;
 #else
   return false;

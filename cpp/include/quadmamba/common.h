@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -36,6 +37,16 @@ template <typename... Args>
   throw Error(os.str());
 }
 }  // namespace detail
+
+// True when the environment sets QUADMAMBA_CPU_GENERIC=1 (read once): the CPU kernels then
+// skip their AVX / AVX2 paths, so the tests can run the portable code on any x86 machine.
+inline bool cpu_generic_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("QUADMAMBA_CPU_GENERIC");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return forced;
+}
 
 }  // namespace quadmamba
 
