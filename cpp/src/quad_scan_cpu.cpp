@@ -644,25 +644,20 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
     const auto& pc = pieces[bd / D];
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<T, float>) {
-      switch (rows) {
-        case 4:
-          if (a) gather_block<Grad::Gather, 4>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
-          else if (avx) gather_block_avx<4>(L, pc, x + bd * L, o + s0, o + s1);
-          else gather_block<Grad::None, 4>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
-          break;
-        case 2:
-          if (a) gather_block<Grad::Gather, 2>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
-          else if (avx) gather_block_avx<2>(L, pc, x + bd * L, o + s0, o + s1);
-          else gather_block<Grad::None, 2>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
-          break;
-        default:
-          if (a && tmp) gather_block<Grad::Gather, 1, true>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, tmp, next, dm);
-          else if (a) gather_block<Grad::Gather, 1>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
-          else if (tmp) gather_block<Grad::None, 1, true>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, tmp, next, dm);
-          else if (avx) gather_block_avx<1>(L, pc, x + bd * L, o + s0, o + s1);
-          else gather_block<Grad::None, 1>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
-          break;
-      }
+      // A block of R rows (R = 4, 2 or 1, known at compile time): the decision-gradient pass,
+      // or the forward pass 8 lanes wide (AVX) or 4 lanes wide. Single rows of tensors larger
+      // than the caches are streamed through tmp.
+      const auto block = [&](auto R) {
+        constexpr int kR = decltype(R)::value;
+        if (a) gather_block<Grad::Gather, kR>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
+        else if (avx) gather_block_avx<kR>(L, pc, x + bd * L, o + s0, o + s1);
+        else gather_block<Grad::None, kR>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
+      };
+      if (rows == 4) block(std::integral_constant<int, 4>{});
+      else if (rows == 2) block(std::integral_constant<int, 2>{});
+      else if (tmp && a) gather_block<Grad::Gather, 1, true>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, tmp, next, dm);
+      else if (tmp) gather_block<Grad::None, 1, true>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, tmp, next, dm);
+      else block(std::integral_constant<int, 1>{});
       return;
     }
 #endif
@@ -698,25 +693,18 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
     const auto& pc = pieces[bd / D];
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<T, float>) {
-      switch (rows) {
-        case 4:
-          if (a) scatter_block<Grad::Scatter, 4>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
-          else if (avx) scatter_block_avx<4>(L, pc, s + s0, s + s1, y + bd * L, S);
-          else scatter_block<Grad::None, 4>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
-          break;
-        case 2:
-          if (a) scatter_block<Grad::Scatter, 2>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
-          else if (avx) scatter_block_avx<2>(L, pc, s + s0, s + s1, y + bd * L, S);
-          else scatter_block<Grad::None, 2>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
-          break;
-        default:
-          if (a && tmp) scatter_block<Grad::Scatter, 1, true>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, tmp, next, dm);
-          else if (a) scatter_block<Grad::Scatter, 1>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
-          else if (tmp) scatter_block<Grad::None, 1, true>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, tmp, next, dm);
-          else if (avx) scatter_block_avx<1>(L, pc, s + s0, s + s1, y + bd * L, S);
-          else scatter_block<Grad::None, 1>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
-          break;
-      }
+      // Blocks of R rows as in gather.
+      const auto block = [&](auto R) {
+        constexpr int kR = decltype(R)::value;
+        if (a) scatter_block<Grad::Scatter, kR>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
+        else if (avx) scatter_block_avx<kR>(L, pc, s + s0, s + s1, y + bd * L, S);
+        else scatter_block<Grad::None, kR>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
+      };
+      if (rows == 4) block(std::integral_constant<int, 4>{});
+      else if (rows == 2) block(std::integral_constant<int, 2>{});
+      else if (tmp && a) scatter_block<Grad::Scatter, 1, true>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, tmp, next, dm);
+      else if (tmp) scatter_block<Grad::None, 1, true>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, tmp, next, dm);
+      else block(std::integral_constant<int, 1>{});
       return;
     }
 #endif
