@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -17,3 +21,17 @@ def device(request):
     if request.param == "cuda" and not quadmamba.cuda_available():
         pytest.skip("CUDA device present but quadmamba was built without CUDA kernels")
     return torch.device(request.param)
+
+
+@pytest.fixture
+def run_portable():
+    """run_portable(test_file, selection): runs `pytest -k selection` on test_file in a
+    subprocess with QUADMAMBA_CPU_GENERIC=1 (the CPU kernels without their AVX paths) and
+    returns the completed process."""
+    def run(test_file, selection):
+        env = dict(os.environ, QUADMAMBA_CPU_GENERIC="1")
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", selection],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+    return run

@@ -515,18 +515,9 @@ def test_cuda_tensors_in_cpu_build_raise():
                              4, 4, 0, 0, "quadtree", 0)
 
 
-def test_portable_cpu_kernels_match_reference():
+def test_portable_cpu_kernels_match_reference(run_portable):
     """The kernels without their AVX paths (what CPUs without AVX run) pass the same checks:
     a subprocess with QUADMAMBA_CPU_GENERIC=1 runs the kernel-vs-reference tests of this file."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, QUADMAMBA_CPU_GENERIC="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "cpu and not portable"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_portable(__file__, "cpu and not portable")
     assert proc.returncode == 0, f"portable kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout, proc.stdout[-2000:]

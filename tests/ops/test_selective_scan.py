@@ -402,18 +402,10 @@ def test_long_sequence(device):
         assert_close(g, gr, f"d{name}", rtol=1e-4, atol_scale=1e-5, extra=extra)
 
 
-def test_generic_cpu_kernels_match_reference():
+def test_generic_cpu_kernels_match_reference(run_portable):
     """The portable kernels (what CPUs without AVX2/FMA run) pass the same checks: a
     subprocess with QUADMAMBA_CPU_GENERIC=1 runs a subset of this file."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, QUADMAMBA_CPU_GENERIC="1")
     selection = "match_reference and (L3- or L17- or L129- or L2049-) or softplus_threshold or gradcheck"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_portable(__file__, selection)
     assert proc.returncode == 0, f"generic kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout and "7 passed" in proc.stdout, proc.stdout[-2000:]
