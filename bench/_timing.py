@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -30,6 +31,29 @@ def time_fn(fn, device: torch.device, *, warmup: int = 1, reps: int = 5, min_sec
         sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def time_interleaved(fns: dict, device: torch.device, *, warmup: int = 1, reps: int = 5,
+                     max_seconds: float = float("inf")) -> dict:
+    """Median wall time in seconds of each fn in ``fns`` (name -> fn), timed in turns: one call
+    of each per round, so slow drifts of the machine (other load, the allocator's state) reach
+    every fn alike and their ratios compare like with like. Stops after ``reps`` rounds, or
+    earlier once ``max_seconds`` have passed (at least one round)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    start_all = time.perf_counter()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+        if time.perf_counter() - start_all > max_seconds:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:

@@ -4,16 +4,16 @@ the plain-PyTorch reference kernels, measured side by side in one run.
     python bench/bench_model.py --variants t --batches 1 16 --device cpu
     python bench/bench_model.py --variants li t s b --batches 1 16 --device cuda --img-size 224
 
-Columns: images/s per kernel set and the ratio fused / reference. A training step is
-forward + cross-entropy backward + SGD step in train mode (Gumbel decisions).
+Columns: images/s per kernel set and the ratio fused / reference. The kernel sets are timed
+in turns (one call of each per round, median of the rounds), so drifts of the machine reach
+both alike. A training step is forward + cross-entropy backward + SGD step in train mode
+(Gumbel decisions).
 """
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,29 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import quadmamba  # noqa: E402
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import time_interleaved  # noqa: E402
 
 
-def time_call(fn, device: torch.device, warmup: int, iters: int, max_seconds: float) -> float:
-    """Median seconds per call after ``warmup`` calls; stops early after ``max_seconds``."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times, start = [], time.perf_counter()
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > max_seconds:
-            break
-    return statistics.median(times)
-
-
-def throughput(name: str, kernels: str, batch: int, mode: str, args, device: torch.device) -> float:
+def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torch.device):
+    """One inference call or one training step of a fresh model (seed 0) on a random batch."""
     torch.manual_seed(0)
     model = quadmamba.create_model(name, kernels=kernels).to(device)
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
@@ -53,17 +36,16 @@ def throughput(name: str, kernels: str, batch: int, mode: str, args, device: tor
         def step():
             with torch.no_grad():
                 model(x)
-    else:
-        model.train()
-        target = torch.randint(0, 1000, (batch,), device=device)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        return step
+    model.train()
+    target = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), target).backward()
-            opt.step()
-    seconds = time_call(step, device, args.warmup, args.iters, args.max_seconds)
-    return batch / seconds
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    return step
 
 
 def main(argv=None) -> None:
@@ -77,7 +59,8 @@ def main(argv=None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="time budget per measurement")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
+                        help="time budget per row (the kernel sets are timed in turns)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -99,7 +82,10 @@ def main(argv=None) -> None:
     for name in names:
         for batch in args.batches:
             for mode in args.modes:
-                rates = [throughput(name, k, batch, mode, args, device) for k in kernels]
+                steps = {k: make_step(name, k, batch, mode, args, device) for k in kernels}
+                seconds = time_interleaved(steps, device, warmup=args.warmup, reps=args.iters,
+                                           max_seconds=args.max_seconds)
+                rates = [batch / seconds[k] for k in kernels]
                 line = f"{name:<16}{batch:>6} {mode:<6}" + "".join(f"{r:>18.2f}" for r in rates)
                 if len(rates) == 2:
                     line += f"{rates[0] / rates[1]:>10.2f}x"
