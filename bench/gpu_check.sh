@@ -10,6 +10,7 @@
 # C++ tests: GoogleTest is found as an installed package, or built first from a source tree
 # in .gtest/ (copy Debian's /usr/src/googletest there on a machine that has libgtest-dev;
 # .gtest/ is git-ignored, so name it in whatever carries the tree to the GPU machine).
+# The CUDA C++ tests also run under compute-sanitizer (memcheck, racecheck) when it is found.
 # Every step gets at most the time left before DEADLINE seconds (default 540); a step that
 # would start with under 20 s left is skipped. With $OUT set, the log is also written there.
 # Each op adds its C++ test binary to CPP_TESTS and its bench script to the bench steps.
@@ -57,6 +58,24 @@ for t in "${CPP_TESTS[@]}"; do
   else summary+=("SKIP  cpp $t (not built: no GoogleTest; see the header)"); fi
 done
 step pytest-cuda 240 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/ops tests/models
+
+# Out-of-bounds accesses and shared-memory races in the CUDA kernels, on the C++ tests' small
+# shapes (CPU against CUDA, every chunk boundary).
+sanitizer=$(command -v compute-sanitizer)
+for d in "$(dirname "$(readlink -f "$(command -v nvcc)" 2>/dev/null)")" /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
+  [ -z "$sanitizer" ] && [ -x "$d/compute-sanitizer" ] && sanitizer=$d/compute-sanitizer
+done
+if [ -n "$sanitizer" ]; then
+  for t in test_selective_scan test_quad_scan; do
+    [ -x "build/gpu/cpp_tests/$t" ] || continue
+    for tool in memcheck racecheck; do
+      step "$tool $t" 90 "$sanitizer" --tool "$tool" --error-exitcode 1 \
+        "build/gpu/cpp_tests/$t" --gtest_filter='*Cuda*' --gtest_brief=1
+    done
+  done
+else
+  summary+=("SKIP  compute-sanitizer (not found)")
+fi
 
 step "bench selective_scan" 120 "$PY" bench/bench_selective_scan.py --device cuda
 step "bench quad_scan" 90 "$PY" bench/bench_quad_scan.py --device cuda
