@@ -80,6 +80,12 @@ PYBIND11_MODULE(_C, m) {
         "Whether the CUDA kernels were compiled into this build.");
   m.def("cuda_device_count", [] { return quadmamba::cuda_device_count(); },
         "Number of usable CUDA devices (0 without a build, driver or device).");
+  m.def("cpu_isa", [] {
+    py::dict d;
+    d["selective_scan"] = quadmamba::selective_scan_cpu_isa();
+    d["quad_scan"] = quadmamba::quad_scan_cpu_isa();
+    return d;
+  }, "The instruction set each family of CPU kernels runs with here (e.g. avx2, avx, sse2, portable).");
   m.def("num_threads", [] { return quadmamba::num_threads(); },
         "Threads the CPU kernels use (shared with PyTorch's OpenMP pool).");
 

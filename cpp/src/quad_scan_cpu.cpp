@@ -759,4 +759,12 @@ void quad_merge_bwd_cpu(const TensorView& ys, const TensorView& decision, const 
   else gather<float>(gy, decision, dys, ys, ddecision, workspace, g);
 }
 
+const char* quad_scan_cpu_isa() {
+#if defined(__SSE2__)
+  return has_avx() ? "avx" : "sse2";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace quadmamba

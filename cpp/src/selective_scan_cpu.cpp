@@ -264,4 +264,6 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
     QM_CHECK(false, "selective_scan on the CPU takes float32 or float64, got ", dtype_name(dt));
 }
 
+const char* selective_scan_cpu_isa() { return use_avx2() ? "avx2" : "portable"; }
+
 }  // namespace quadmamba

@@ -49,6 +49,9 @@ def kernel_status() -> List[str]:
         lines.append("compiled core: yes")
         lines.append(f"CPU kernels: yes; CUDA kernels built: {'yes' if quadmamba.cuda_built() else 'no'}; "
                      f"CUDA usable now: {'yes' if quadmamba.cuda_available() else 'no'}")
+        isa = core().cpu_isa()
+        lines.append(f"CPU instruction sets: selective scan {isa['selective_scan']}, quad scan {isa['quad_scan']} "
+                     f"(QUADMAMBA_CPU_GENERIC=1 forces the portable paths); threads: {torch.get_num_threads()}")
     lines.append(f"torch {torch.__version__}; CUDA device visible to torch: "
                  f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     lines.append("reference kernels (plain PyTorch): always available")

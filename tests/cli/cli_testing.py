@@ -10,9 +10,10 @@ TINY = ["--kernels", "reference", "--epochs", "2", "--batch-size", "16", "--trai
         "--test-limit", "32", "--img-size", "32"]
 
 
-def run_cli(*args, cwd=None, timeout=300):
-    """Run ``python -m quadmamba ARGS`` in a fresh process; returns CompletedProcess."""
-    env = dict(os.environ)
+def run_cli(*args, cwd=None, timeout=300, env=None):
+    """Run ``python -m quadmamba ARGS`` in a fresh process (``env``: extra variables);
+    returns CompletedProcess."""
+    env = dict(os.environ, **(env or {}))
     env["PYTHONPATH"] = os.path.abspath(PYTHON_DIR) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("QUADMAMBA_TRACEBACK", None)
     env["MPLBACKEND"] = "Agg"

@@ -215,6 +215,14 @@ def test_info_lists_variants_and_kernels(capsys):
     assert f"{li:,}" in out and "56x56x48" in out and "7x7x384" in out, out
     assert "0.821" in out, out
     assert "compiled core: yes" in out and "reference kernels" in out, out
+    assert re.search(r"CPU instruction sets: selective scan (avx2|portable), quad scan (avx|sse2|portable)", out), out
+
+
+def test_info_reports_the_portable_paths_when_forced():
+    proc = run_cli("info", "--model", "quadmamba_nano", env={"QUADMAMBA_CPU_GENERIC": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"CPU instruction sets: selective scan portable, quad scan (sse2|portable)", proc.stdout), \
+        proc.stdout
 
 
 def test_ablation_trains_both_scans(tmp_path, capsys):

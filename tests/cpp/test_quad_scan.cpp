@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "quadmamba/cross_scan.h"
@@ -254,4 +255,9 @@ TEST(QuadScanCuda, MatchesCpu) {
 #else
   GTEST_SKIP() << "built without CUDA kernels";
 #endif
+}
+
+TEST(QuadScanCpu, ReportsItsInstructionSet) {
+  const std::string isa = quad_scan_cpu_isa();
+  EXPECT_TRUE(isa == "avx" || isa == "sse2" || isa == "portable") << isa;
 }

@@ -349,3 +349,8 @@ TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
   GTEST_SKIP() << "built without CUDA kernels";
 }
 #endif
+
+TEST(SelectiveScanCpu, ReportsItsInstructionSet) {
+  const std::string isa = selective_scan_cpu_isa();
+  EXPECT_TRUE(isa == "avx2" || isa == "portable") << isa;
+}

@@ -60,6 +60,11 @@ void quad_merge_bwd_cpu(const TensorView& ys, const TensorView& decision, const 
                         const TensorView& dys, const TensorView& ddecision, const TensorView& workspace,
                         const QuadGeometry& g);
 
+// The instruction set the CPU kernels above run with on this machine: "avx" (8-lane forward
+// passes, 4-lane SSE2 gradient passes), "sse2" (4-lane throughout) or "portable" (scalar
+// loops, non-x86 builds). QUADMAMBA_CPU_GENERIC=1 turns "avx" into "sse2" (common.h).
+const char* quad_scan_cpu_isa();
+
 void quad_scan_fwd_cuda(const TensorView& x, const TensorView& decision, const TensorView& out,
                         const QuadGeometry& g, void* stream);
 void quad_scan_bwd_cuda(const TensorView& x, const TensorView& decision, const TensorView& gout,
