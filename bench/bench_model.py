@@ -3,10 +3,11 @@ the plain-PyTorch reference kernels, measured side by side in one run.
 
     python bench/bench_model.py --variants t --batches 1 16 --device cpu
     python bench/bench_model.py --variants li t s b --batches 1 16 --device cuda --img-size 224
+    python bench/bench_model.py --variants t --kernels fused compiled reference
 
-Columns: images/s per kernel set and the ratio fused / reference. The kernel sets are timed
+Columns: images/s per kernel set and each set's ratio to the reference. The kernel sets are timed
 in turns (one call of each per round, median of the rounds), so drifts of the machine reach
-both alike. A training step is forward + cross-entropy backward + SGD step in train mode
+every set alike. A training step is forward + cross-entropy backward + SGD step in train mode
 (Gumbel decisions).
 """
 from __future__ import annotations
@@ -26,9 +27,13 @@ from _timing import time_interleaved  # noqa: E402
 
 
 def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torch.device):
-    """One inference call or one training step of a fresh model (seed 0) on a random batch."""
+    """One inference call or one training step of a fresh model (seed 0) on a random batch.
+    kernels "compiled": the fused model under torch.compile (compiled during the warm-up)."""
     torch.manual_seed(0)
-    model = quadmamba.create_model(name, kernels=kernels).to(device)
+    model = quadmamba.create_model(name, kernels="fused" if kernels == "compiled" else kernels).to(device)
+    if kernels == "compiled":
+        torch._dynamo.reset()  # a fresh compile per row (no recompile limit reached across rows)
+        model = torch.compile(model)
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     if mode == "infer":
         model.eval()
@@ -54,7 +59,10 @@ def main(argv=None) -> None:
                         help="variants (li t s b nano)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
-    parser.add_argument("--kernels", nargs="+", default=["fused", "reference"], choices=["fused", "reference"])
+    parser.add_argument("--kernels", nargs="+", default=["fused", "reference"],
+                        choices=["fused", "reference", "compiled"],
+                        help="kernel sets; compiled: the fused model under torch.compile (the reference "
+                             "model's step-by-step scans are not practical to compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=1)
@@ -75,8 +83,9 @@ def main(argv=None) -> None:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
           + f", image {args.img_size}x{args.img_size}")
+    ratios = [k for k in kernels if k != "reference"] if "reference" in kernels else []
     header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(f"{k + ' img/s':>18}" for k in kernels)
-    header += f"{'fused/ref':>11}" if len(kernels) == 2 else ""
+    header += "".join(f"{k + '/ref':>14}" for k in ratios)
     print(header)
     print("-" * len(header))
     for name in names:
@@ -85,10 +94,8 @@ def main(argv=None) -> None:
                 steps = {k: make_step(name, k, batch, mode, args, device) for k in kernels}
                 seconds = time_interleaved(steps, device, warmup=args.warmup, reps=args.iters,
                                            max_seconds=args.max_seconds)
-                rates = [batch / seconds[k] for k in kernels]
-                line = f"{name:<16}{batch:>6} {mode:<6}" + "".join(f"{r:>18.2f}" for r in rates)
-                if len(rates) == 2:
-                    line += f"{rates[0] / rates[1]:>10.2f}x"
+                line = f"{name:<16}{batch:>6} {mode:<6}" + "".join(f"{batch / seconds[k]:>18.2f}" for k in kernels)
+                line += "".join(f"{seconds['reference'] / seconds[k]:>13.2f}x" for k in ratios)
                 print(line, flush=True)
 
 
