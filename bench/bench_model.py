@@ -35,11 +35,15 @@ def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torc
         torch._dynamo.reset()  # a fresh compile per row (no recompile limit reached across rows)
         model = torch.compile(model)
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     if mode == "infer":
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(x)
         return step
     model.train()
@@ -48,7 +52,9 @@ def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torc
 
     def step():
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
         opt.step()
     return step
 
@@ -65,6 +71,8 @@ def main(argv=None) -> None:
                              "model's step-by-step scans are not practical to compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="autocast dtype for every kernel set (the scan itself stays float32)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=120.0,
@@ -82,7 +90,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-          + f", image {args.img_size}x{args.img_size}")
+          + f", image {args.img_size}x{args.img_size}, autocast {args.amp}")
     ratios = [k for k in kernels if k != "reference"] if "reference" in kernels else []
     header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(f"{k + ' img/s':>18}" for k in kernels)
     header += "".join(f"{k + '/ref':>14}" for k in ratios)
