@@ -582,6 +582,38 @@ void reduce_partials(const T* workspace, T* ddecision, int64_t B, int64_t D) {
 // come from memory rather than from the caches (measured at the model shapes on the CPU).
 constexpr int64_t kPrefetchBytes = 8 << 20;
 
+// How one pass runs. It prefetches the next rows when the `streams` tensors of B*D*L
+// elements it touches exceed kPrefetchBytes; float rows are then streamed (non-temporal
+// stores) if the output is 16-byte aligned. Otherwise its forward pass is 8 lanes wide
+// where the CPU has AVX.
+struct PassMode {
+  bool prefetch, stream, avx;
+};
+
+template <typename T>
+PassMode pass_mode(int streams, int64_t elements, const T* out) {
+  PassMode m;
+  m.prefetch = streams * elements * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
+  m.stream = std::is_same_v<T, float> && m.prefetch && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+#if defined(__SSE2__)
+  m.avx = !m.prefetch && has_avx();
+#else
+  m.avx = false;
+#endif
+  return m;
+}
+
+// Calls block(R, Streamed) for a block of `rows` rows with R (4, 2 or 1) and Streamed (single
+// rows written through scratch with non-temporal stores) as compile-time constants.
+template <typename F>
+void for_block_size(int rows, bool streamed, const F& block) {
+  using std::integral_constant;
+  if (rows == 4) block(integral_constant<int, 4>{}, std::false_type{});
+  else if (rows == 2) block(integral_constant<int, 2>{}, std::false_type{});
+  else if (streamed) block(integral_constant<int, 1>{}, std::true_type{});
+  else block(integral_constant<int, 1>{}, std::false_type{});
+}
+
 // Runs `block(bd, rows, next, S, dm)` for every row bd = b * D + d in parallel, in blocks
 // of `rows` = block_rows(L, prefetch) consecutive rows of one batch (single rows where a
 // batch or a thread's range ends; always single rows for float64); next holds the next
@@ -627,15 +659,9 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   const std::vector<GatherRun> runs = gather_runs(g);
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
-  const bool prefetch = (a ? 3 : 1) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
-  // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
-  const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(o) % 16 == 0;
-#if defined(__SSE2__)
-  const bool avx = !prefetch && has_avx();  // the forward pass 8 lanes wide
-#endif
-  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
+  const PassMode mode = pass_mode(a ? 3 : 1, B * D * L, o);
+  for_rows<T>(B, D, L, mode.prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
-    T* tmp = stream && rows == 1 ? S + L : nullptr;
     next.add(x + (bd + rows) * L);
     if (a) {
       next.add(a + seq_offset(bd + rows, 0, D, L));
@@ -644,20 +670,17 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
     const auto& pc = pieces[bd / D];
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<T, float>) {
-      // A block of R rows (R = 4, 2 or 1, known at compile time): the decision-gradient pass,
-      // or the forward pass 8 lanes wide (AVX) or 4 lanes wide. Single rows of tensors larger
-      // than the caches are streamed through tmp.
-      const auto block = [&](auto R) {
+      // A block of R rows: the decision-gradient pass, or the forward pass 8 lanes wide (AVX)
+      // or 4 lanes wide. Single rows of tensors larger than the caches are streamed through
+      // scratch.
+      for_block_size(rows, mode.stream && rows == 1, [&](auto R, auto Streamed) {
         constexpr int kR = decltype(R)::value;
-        if (a) gather_block<Grad::Gather, kR>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, nullptr, next, dm);
-        else if (avx) gather_block_avx<kR>(L, pc, x + bd * L, o + s0, o + s1);
-        else gather_block<Grad::None, kR>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, nullptr, next, dm);
-      };
-      if (rows == 4) block(std::integral_constant<int, 4>{});
-      else if (rows == 2) block(std::integral_constant<int, 2>{});
-      else if (tmp && a) gather_block<Grad::Gather, 1, true>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, tmp, next, dm);
-      else if (tmp) gather_block<Grad::None, 1, true>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, tmp, next, dm);
-      else block(std::integral_constant<int, 1>{});
+        constexpr bool kS = decltype(Streamed)::value;
+        float* tmp = kS ? S + L : nullptr;
+        if (a) gather_block<Grad::Gather, kR, kS>(L, pc, x + bd * L, o + s0, o + s1, a + s0, a + s1, tmp, next, dm);
+        else if (!kS && mode.avx) gather_block_avx<kR>(L, pc, x + bd * L, o + s0, o + s1);
+        else gather_block<Grad::None, kR, kS>(L, pc, x + bd * L, o + s0, o + s1, nullptr, nullptr, tmp, next, dm);
+      });
       return;
     }
 #endif
@@ -678,15 +701,9 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
   const std::vector<ScatterRun> runs = scatter_runs(g);
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(scatter_pieces<T>(g, runs, dec + b * 4));
-  const bool prefetch = (a ? 3 : 2) * B * D * L * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes;
-  // float rows streamed (non-temporal stores) when prefetching, if the output is 16-byte aligned
-  const bool stream = std::is_same_v<T, float> && prefetch && reinterpret_cast<uintptr_t>(y) % 16 == 0;
-#if defined(__SSE2__)
-  const bool avx = !prefetch && has_avx();  // the forward pass 8 lanes wide
-#endif
-  for_rows<T>(B, D, L, prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
+  const PassMode mode = pass_mode(a ? 3 : 2, B * D * L, y);
+  for_rows<T>(B, D, L, mode.prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
-    T* tmp = stream && rows == 1 ? S + L : nullptr;
     next.add(s + seq_offset(bd + rows, 0, D, L));
     next.add(s + seq_offset(bd + rows, 1, D, L));
     if (a) next.add(a + (bd + rows) * L);
@@ -694,17 +711,14 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
 #if defined(__SSE2__)
     if constexpr (std::is_same_v<T, float>) {
       // Blocks of R rows as in gather.
-      const auto block = [&](auto R) {
+      for_block_size(rows, mode.stream && rows == 1, [&](auto R, auto Streamed) {
         constexpr int kR = decltype(R)::value;
-        if (a) scatter_block<Grad::Scatter, kR>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, nullptr, next, dm);
-        else if (avx) scatter_block_avx<kR>(L, pc, s + s0, s + s1, y + bd * L, S);
-        else scatter_block<Grad::None, kR>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, nullptr, next, dm);
-      };
-      if (rows == 4) block(std::integral_constant<int, 4>{});
-      else if (rows == 2) block(std::integral_constant<int, 2>{});
-      else if (tmp && a) scatter_block<Grad::Scatter, 1, true>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, tmp, next, dm);
-      else if (tmp) scatter_block<Grad::None, 1, true>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, tmp, next, dm);
-      else block(std::integral_constant<int, 1>{});
+        constexpr bool kS = decltype(Streamed)::value;
+        float* tmp = kS ? S + L : nullptr;
+        if (a) scatter_block<Grad::Scatter, kR, kS>(L, pc, s + s0, s + s1, y + bd * L, a + bd * L, S, tmp, next, dm);
+        else if (!kS && mode.avx) scatter_block_avx<kR>(L, pc, s + s0, s + s1, y + bd * L, S);
+        else scatter_block<Grad::None, kR, kS>(L, pc, s + s0, s + s1, y + bd * L, nullptr, S, tmp, next, dm);
+      });
       return;
     }
 #endif
