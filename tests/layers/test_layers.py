@@ -3,6 +3,9 @@ import dataclasses
 import pytest
 import torch
 
+from quadmamba.layers import common
+from quadmamba.layers.blocks import QuadVSSBlock
+from quadmamba.layers.common import Mlp, map_tokens
 from quadmamba.layers import (
     SS2D, DropPath, QuadDecision, QuadSS2D, ScorePredictor, get_ops, quadrant_logits,
 )
@@ -200,6 +203,45 @@ def test_drop_path():
     kept = (y[:, 0] != 0).float().mean().item()
     assert torch.all((y == 0) | torch.isclose(y, torch.tensor(1 / 0.75))), y.unique()
     assert 0.65 < kept < 0.85, kept
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_map_tokens_inference_chunks_match_whole(monkeypatch, amp, layout):
+    torch.manual_seed(0)
+    mlp = Mlp(6, 24).eval()
+    x = torch.randn(2, 3, 4, 6)                                  # 24 tokens (B, H, W, C)
+    if layout == "permuted":                                     # (B, C, H, W) memory
+        x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    calls = []
+    mlp.fc1.register_forward_hook(lambda mod, args, out: calls.append(args[0].numel() // 6))
+    monkeypatch.setattr(common, "INFERENCE_CHUNK_TOKENS", 5)
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        whole = map_tokens(mlp, x)                               # autograd recording: whole
+        with torch.no_grad():
+            parts = map_tokens(mlp, x)
+            sums = map_tokens(lambda t: mlp(t).sum(-1), x)       # one value per token
+    # contiguous: chunks of 5 flattened tokens; permuted: 5 // W = 1 row (4 tokens) per chunk
+    chunks = [5, 5, 5, 5, 4] if layout == "contiguous" else [4] * 6
+    assert calls == [24] + chunks + chunks, calls
+    assert parts.shape == whole.shape == (2, 3, 4, 6)
+    assert parts.dtype == whole.dtype == (amp or torch.float32)
+    assert torch.allclose(parts, whole.detach(), atol=1e-6, rtol=0), (parts - whole).abs().max()
+    assert sums.shape == (2, 3, 4)
+    assert torch.allclose(sums, whole.detach().sum(-1), atol=1e-2 if amp else 1e-5)
+    whole.sum().backward()                                       # the whole path still trains
+    assert mlp.fc1.weight.grad is not None
+
+
+def test_model_inference_same_with_and_without_chunks(monkeypatch):
+    torch.manual_seed(0)
+    block = QuadVSSBlock(8, ops=REF, shift=(1, -1)).eval()
+    x = torch.randn(2, 12, 8, 8)
+    with torch.no_grad():
+        whole = block(x)
+        monkeypatch.setattr(common, "INFERENCE_CHUNK_TOKENS", 7)
+        parts = block(x)
+    assert torch.allclose(parts, whole, atol=1e-6, rtol=0), (parts - whole).abs().max()
 
 
 def test_get_ops_errors():

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from quadmamba.layers.common import DropPath, Mlp
+from quadmamba.layers.common import DropPath, Mlp, map_tokens
 from quadmamba.layers.kernels import ScanOps
 from quadmamba.layers.mixers import SS2D, QuadSS2D
 
@@ -22,7 +22,10 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(map_tokens(self._mlp_branch, x))
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
 
 
 class VSSBlock(_Block):

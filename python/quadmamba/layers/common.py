@@ -36,6 +36,44 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+INFERENCE_CHUNK_TOKENS = 2048
+"""Tokens per chunk of map_tokens in CPU inference (0: never chunk)."""
+
+
+def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) for a map that treats every token (a vector along the last axis) on its own.
+
+    fn takes (..., C) and returns (..., *out); x is (B, ..., C), contiguous or a permuted
+    view. In CPU inference (autograd not recording, eager) the tokens go through fn
+    INFERENCE_CHUNK_TOKENS at a time: the same numbers, but fn's intermediates are
+    chunk-sized. On CPU an intermediate of tens of MB (QuadMamba-T at batch 16 has 50176
+    tokens at stage 0, and its MLP hidden layer is 51 MB) is a fresh mapping every time it
+    is allocated and costs a page fault per 4 KiB page; chunks stay in the allocator's
+    cache and in the CPU caches. Training, autograd, CUDA, and graph
+    capture (torch.compile / export, tracing) run fn whole.
+    """
+    chunk = INFERENCE_CHUNK_TOKENS
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (chunk <= 0 or tokens <= chunk or x.dim() < 2 or x.device.type != "cpu"
+            or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        return fn(x)
+    if x.dim() == 2 or x.is_contiguous():              # chunks of the flattened tokens
+        parts = x.reshape(tokens, x.shape[-1]).split(chunk)
+    else:                                               # chunks of rows (dim 1) per image
+        rows = max(1, chunk * x.shape[1] // (tokens // x.shape[0]))
+        parts = [row for image in x for row in image.split(rows)]
+    out = None
+    start = 0
+    for part in parts:
+        y = fn(part)
+        y = y.reshape((-1,) + y.shape[part.dim() - 1:])  # (tokens in part, *out)
+        if out is None:                                 # dtype as fn decided (autocast)
+            out = y.new_empty((tokens,) + y.shape[1:])
+        out[start:start + y.shape[0]] = y
+        start += y.shape[0]
+    return out.view(x.shape[:-1] + out.shape[1:])
+
+
 class Mlp(nn.Module):
     """Linear(C, hidden) -> GELU -> Linear(hidden, C), on the last axis.
 
@@ -73,9 +111,12 @@ class Stem(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
+        x = map_tokens(self._norm_act, self.conv1(x).permute(0, 2, 3, 1))
         x = self.conv2(x.permute(0, 3, 1, 2))
         return self.norm2(x.permute(0, 2, 3, 1))
+
+    def _norm_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm1(x))
 
 
 class Downsample(nn.Module):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quadmamba.layers.common import map_tokens
 from quadmamba.layers.kernels import ScanOps
 from quadmamba.layers.predictor import QuadDecision, ScorePredictor
 
@@ -89,7 +90,10 @@ class _SSMBase(nn.Module):
 
     def _project_out(self, y: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> (B, H, W, C) through out_norm and out_proj."""
-        return self.out_proj(self.out_norm(y.permute(0, 2, 3, 1)))
+        return map_tokens(self._norm_out, y.permute(0, 2, 3, 1))
+
+    def _norm_out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.out_norm(y))
 
     def _scan_core(self, xs: torch.Tensor) -> torch.Tensor:
         """xs (B, K, D, L) -> ys (B, K, D, L) in xs's dtype; the scan itself runs in fp32."""

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quadmamba.layers.common import map_tokens
+
 
 class ScorePredictor(nn.Module):
     """Per-token locality score: LN(D) -> Linear(D, D) -> GELU -> Linear(D, D/2) -> GELU
@@ -29,8 +31,11 @@ class ScorePredictor(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x.permute(0, 2, 3, 1))
-        x = self.act(self.fc1(x))
+        return map_tokens(self._score, x.permute(0, 2, 3, 1))
+
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (...), token by token."""
+        x = self.act(self.fc1(self.norm(x)))
         x = self.act(self.fc2(x))
         x = self.act(self.fc3(x))
         return F.log_softmax(self.fc4(x), dim=-1)[..., 0]
