@@ -234,10 +234,11 @@ def test_map_tokens_inference_chunks_match_whole(monkeypatch, amp, layout):
     assert mlp.fc1.weight.grad is not None
 
 
-def test_model_inference_same_with_and_without_chunks(monkeypatch):
+@pytest.mark.parametrize("size", [(12, 8), (13, 9)])            # (13, 9): padded to (16, 12)
+def test_block_inference_same_with_and_without_chunks(monkeypatch, size):
     torch.manual_seed(0)
     block = QuadVSSBlock(8, ops=REF, shift=(1, -1)).eval()
-    x = torch.randn(2, 12, 8, 8)
+    x = torch.randn(2, *size, 8)
     with torch.no_grad():
         whole = block(x)
         monkeypatch.setattr(common, "INFERENCE_CHUNK_TOKENS", 7)

@@ -286,6 +286,18 @@ def test_config_round_trip_and_errors():
         get_config("quadmamba_nano", depth=3)
 
 
+def test_bad_images_name_the_argument():
+    model = nano().eval()
+    for x, err, words in [(torch.randn(3, 32, 32), ValueError, r"\(B, 3, H, W\).*\(3, 32, 32\)"),
+                          (torch.randn(1, 4, 32, 32), ValueError, r"\(B, 3, H, W\).*\(1, 4, 32, 32\)"),
+                          (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "floating-point.*uint8"),
+                          (torch.randn(0, 3, 32, 32), ValueError, "B, H, W >= 1"),
+                          ([[0.0]], ValueError, "got list")]:
+        for entry in (model, model.forward_features, model.forward_intermediates, model.partition_maps):
+            with pytest.raises(err, match=f"^x must .*{words}"):
+                entry(x)
+
+
 def test_training_helpers():
     torch.manual_seed(0)
     model = nano()

@@ -172,10 +172,21 @@ class QuadMamba(nn.Module):
     # -- features --------------------------------------------------------------------------
     def _stage_outputs(self, x: torch.Tensor, last: int):
         """Yield (i, output of stage i before its downsample) for i <= last; channel-last."""
+        self._check_image(x)
         x = self.stem(x)
         for i, stage in enumerate(self.stages[:last + 1]):
             out, x = stage(x)
             yield i, out, x
+
+    def _check_image(self, x) -> None:
+        chans = self.config.in_chans
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != chans:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be an image batch (B, {chans}, H, W), got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"x must have B, H, W >= 1, got shape {tuple(x.shape)}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, in_chans, H, W) -> last stage output (B, H_3, W_3, C_3), channel-last."""
