@@ -25,11 +25,11 @@ def device(request):
 
 @pytest.fixture
 def run_portable():
-    """run_portable(test_file, selection): runs `pytest -k selection` on test_file in a
-    subprocess with QUADMAMBA_CPU_GENERIC=1 (the CPU kernels without their AVX paths) and
-    returns the completed process."""
-    def run(test_file, selection):
-        env = dict(os.environ, QUADMAMBA_CPU_GENERIC="1")
+    """run_portable(test_file, selection, level="1"): runs `pytest -k selection` on test_file
+    in a subprocess with QUADMAMBA_CPU_GENERIC=level (1: the CPU kernels without their AVX
+    paths; 2: without any x86 intrinsics, as non-x86 builds) and returns the completed process."""
+    def run(test_file, selection, level="1"):
+        env = dict(os.environ, QUADMAMBA_CPU_GENERIC=level)
         return subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", selection],
             env=env, capture_output=True, text=True, timeout=600,

@@ -4,6 +4,10 @@ tests/cpp/test_*.cpp) as pytest items, one item per C++ test case.
 The executables are looked up in $QUADMAMBA_CPP_TEST_DIR, else in the newest
 build/*/cpp_tests folder of the checkout. A missing executable is a skip that
 says why, unless QUADMAMBA_REQUIRE_CPP_TESTS=1 (as in CI), where it fails.
+
+Every case runs twice: with the instruction sets the kernels pick on this CPU
+("native"), and with QUADMAMBA_CPU_GENERIC=2 ("portable": no AVX and no x86
+intrinsics, the code non-x86 builds run).
 """
 from __future__ import annotations
 
@@ -46,8 +50,12 @@ def _cases():
                 yield pytest.param(str(binary), f"{suite}{case}", id=f"{source.stem}::{suite}{case}")
 
 
+ISAS = {"native": None, "portable": "2"}
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("binary,case", list(_cases()))
-def test_cpp(binary, case):
+def test_cpp(binary, case, isa):
     if case is None:
         reason = (
             f"C++ test executable {binary} was not built (install libgtest-dev and rebuild: "
@@ -56,8 +64,12 @@ def test_cpp(binary, case):
         if REQUIRED:
             pytest.fail(reason)
         pytest.skip(reason)
+    env = dict(os.environ)
+    env.pop("QUADMAMBA_CPU_GENERIC", None)
+    if ISAS[isa] is not None:
+        env["QUADMAMBA_CPU_GENERIC"] = ISAS[isa]
     result = subprocess.run(
-        [binary, f"--gtest_filter={case}", "--gtest_color=no"], capture_output=True, text=True
+        [binary, f"--gtest_filter={case}", "--gtest_color=no"], capture_output=True, text=True, env=env
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

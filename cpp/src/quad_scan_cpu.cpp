@@ -120,6 +120,17 @@ struct RowSums {
   }
 };
 
+// Whether float rows take the SSE2 passes in blocks of rows: compiled in (x86) and not held
+// back by QUADMAMBA_CPU_GENERIC=2. Otherwise they go one at a time through the scalar passes
+// (gather_row / scatter_row), as float64 rows always do.
+inline bool use_sse2() {
+#if defined(__SSE2__)
+  return cpu_generic_level() < 2;
+#else
+  return false;
+#endif
+}
+
 #if defined(__SSE2__)
 // Whether the CPU runs AVX (8-lane float vectors) and cpu_generic_forced() is false; checked once.
 inline bool has_avx() {
@@ -621,7 +632,7 @@ void for_block_size(int rows, bool streamed, const F& block) {
 // decision-gradient partials each (copied to workspace when given).
 template <typename T, typename F>
 void for_rows(int64_t B, int64_t D, int64_t L, bool prefetch, const TensorView& workspace, const F& block) {
-  const int R = std::is_same_v<T, float> ? block_rows(L, prefetch) : 1;
+  const int R = std::is_same_v<T, float> && use_sse2() ? block_rows(L, prefetch) : 1;  // rows per block
   const int64_t grain = std::max<int64_t>(R, 16384 / std::max<int64_t>(L, 1));
   parallel_for(0, B * D, grain, [&](int64_t lo, int64_t hi) {
     std::vector<T> S(static_cast<size_t>(std::max(R, 2) * L));
@@ -660,7 +671,7 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
   std::vector<std::vector<Piece<T>>> pieces;
   for (int64_t b = 0; b < B; ++b) pieces.push_back(gather_pieces<T>(g, runs, dec + b * 4));
   const PassMode mode = pass_mode(a ? 3 : 1, B * D * L, o);
-  for_rows<T>(B, D, L, mode.prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, T* S, double (*dm)[4]) {
+  for_rows<T>(B, D, L, mode.prefetch, workspace, [&](int64_t bd, int rows, NextRows<T>& next, [[maybe_unused]] T* S, double (*dm)[4]) {
     const int64_t s0 = seq_offset(bd, 0, D, L), s1 = seq_offset(bd, 1, D, L);
     next.add(x + (bd + rows) * L);
     if (a) {
@@ -669,7 +680,7 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
     }
     const auto& pc = pieces[bd / D];
 #if defined(__SSE2__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float>) if (use_sse2()) {
       // A block of R rows: the decision-gradient pass, or the forward pass 8 lanes wide (AVX)
       // or 4 lanes wide. Single rows of tensors larger than the caches are streamed through
       // scratch.
@@ -709,7 +720,7 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
     if (a) next.add(a + (bd + rows) * L);
     const auto& pc = pieces[bd / D];
 #if defined(__SSE2__)
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float>) if (use_sse2()) {
       // Blocks of R rows as in gather.
       for_block_size(rows, mode.stream && rows == 1, [&](auto R, auto Streamed) {
         constexpr int kR = decltype(R)::value;
@@ -775,10 +786,9 @@ void quad_merge_bwd_cpu(const TensorView& ys, const TensorView& decision, const 
 
 const char* quad_scan_cpu_isa() {
 #if defined(__SSE2__)
-  return has_avx() ? "avx" : "sse2";
-#else
-  return "portable";
+  if (use_sse2()) return has_avx() ? "avx" : "sse2";
 #endif
+  return "portable";
 }
 
 }  // namespace quadmamba

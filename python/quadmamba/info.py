@@ -51,7 +51,7 @@ def kernel_status() -> List[str]:
                      f"CUDA usable now: {'yes' if quadmamba.cuda_available() else 'no'}")
         isa = core().cpu_isa()
         lines.append(f"CPU instruction sets: selective scan {isa['selective_scan']}, quad scan {isa['quad_scan']} "
-                     f"(QUADMAMBA_CPU_GENERIC=1 forces the portable paths); threads: {torch.get_num_threads()}")
+                     f"(QUADMAMBA_CPU_GENERIC=1 turns AVX off, =2 all x86 intrinsics); threads: {torch.get_num_threads()}")
     lines.append(f"torch {torch.__version__}; CUDA device visible to torch: "
                  f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     lines.append("reference kernels (plain PyTorch): always available")

@@ -38,15 +38,21 @@ template <typename... Args>
 }
 }  // namespace detail
 
-// True when the environment sets QUADMAMBA_CPU_GENERIC=1 (read once): the CPU kernels then
-// skip their AVX / AVX2 paths, so the tests can run the portable code on any x86 machine.
-inline bool cpu_generic_forced() {
-  static const bool forced = [] {
+// How far the environment variable QUADMAMBA_CPU_GENERIC (read once) holds the CPU kernels
+// back from the instruction sets they would pick, so that the tests can run every code path
+// on one x86 machine: 0 (unset, or any other value): not at all; 1: no AVX / AVX2 paths (x86's
+// SSE2 baseline stays); 2: no x86 intrinsics either (the scalar code non-x86 builds run).
+inline int cpu_generic_level() {
+  static const int level = [] {
     const char* v = std::getenv("QUADMAMBA_CPU_GENERIC");
-    return v != nullptr && std::string(v) == "1";
+    const std::string s = v == nullptr ? "" : v;
+    return s == "1" ? 1 : s == "2" ? 2 : 0;
   }();
-  return forced;
+  return level;
 }
+
+// True when QUADMAMBA_CPU_GENERIC is 1 or 2: the CPU kernels skip their AVX / AVX2 paths.
+inline bool cpu_generic_forced() { return cpu_generic_level() >= 1; }
 
 }  // namespace quadmamba
 

@@ -62,7 +62,8 @@ void quad_merge_bwd_cpu(const TensorView& ys, const TensorView& decision, const 
 
 // The instruction set the CPU kernels above run with on this machine: "avx" (8-lane forward
 // passes, 4-lane SSE2 gradient passes), "sse2" (4-lane throughout) or "portable" (scalar
-// loops, non-x86 builds). QUADMAMBA_CPU_GENERIC=1 turns "avx" into "sse2" (common.h).
+// loops, non-x86 builds). QUADMAMBA_CPU_GENERIC=1 turns "avx" into "sse2", =2 into
+// "portable" (common.h).
 const char* quad_scan_cpu_isa();
 
 void quad_scan_fwd_cuda(const TensorView& x, const TensorView& decision, const TensorView& out,

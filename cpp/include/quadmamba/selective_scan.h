@@ -96,7 +96,7 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
 
 // The instruction set the CPU kernels above run with on this machine: "avx2" (AVX2 + FMA)
 // or "portable" (the 8-lane vector code as the compiler lowers it for the target, e.g.
-// SSE2 or NEON pairs). QUADMAMBA_CPU_GENERIC=1 forces "portable" (common.h).
+// SSE2 or NEON pairs). QUADMAMBA_CPU_GENERIC=1 (or 2) forces "portable" (common.h).
 const char* selective_scan_cpu_isa();
 
 // Sequence positions one CUDA thread block handles per step (the chunk length).
