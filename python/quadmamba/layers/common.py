@@ -44,16 +44,16 @@ def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
     """fn(x) for a map that treats every token (a vector along the last axis) on its own.
 
     fn takes (..., C) and returns (..., *out); x is (B, ..., C), contiguous or a permuted
-    view. In float32 CPU inference (autograd not recording, eager) the tokens go through fn
-    INFERENCE_CHUNK_TOKENS at a time: the same numbers, but fn's intermediates are
-    chunk-sized. On CPU an intermediate of tens of MB (QuadMamba-T at batch 16 has 50176
-    tokens at stage 0, and its MLP hidden layer is 51 MB) is a fresh mapping every time it
-    is allocated and costs a page fault per 4 KiB page; chunks stay in the allocator's
-    cache and in the CPU caches (measured: a QuadMamba-T forward at batch 16 takes about
-    10 % less time). Under CPU autocast the intermediates are half as large and the chunks'
-    extra casts and calls cost more than they save (about 7 % slower measured), so fn runs
-    whole there, as it does in training, with autograd, on CUDA, and under graph capture
-    (torch.compile / export, tracing).
+    view. In CPU inference without autocast (autograd not recording, eager) the tokens go
+    through fn INFERENCE_CHUNK_TOKENS at a time: the same numbers, but fn's intermediates
+    are chunk-sized. On CPU an intermediate of tens of MB (QuadMamba-T at batch 16 has
+    50176 tokens at stage 0, and its MLP hidden layer is 51 MB) is a fresh mapping every
+    time it is allocated and costs a page fault per 4 KiB page; chunks stay in the
+    allocator's cache and in the CPU caches (measured: a QuadMamba-T forward at batch 16
+    takes about 10 % less time). Under CPU autocast the intermediates are half as large and
+    the chunks' extra casts and calls cost more than they save (about 7 % slower measured),
+    so fn runs whole there, as it does in training, with autograd, on CUDA, and under graph
+    capture (torch.compile / export, tracing).
     """
     chunk = INFERENCE_CHUNK_TOKENS
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -61,8 +61,8 @@ def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
             or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return fn(x)
-    if x.dim() == 2 or x.is_contiguous():              # chunks of the flattened tokens
-        parts = x.reshape(tokens, x.shape[-1]).split(chunk)
+    if x.dim() == 2 or x.is_contiguous():              # chunks of the flattened tokens (views)
+        parts = (x if x.dim() == 2 else x.view(tokens, x.shape[-1])).split(chunk)
     else:                                               # chunks of rows (dim 1) per image
         rows = max(1, chunk * x.shape[1] // (tokens // x.shape[0]))
         parts = [row for image in x for row in image.split(rows)]
