@@ -234,6 +234,17 @@ def test_map_tokens_inference_chunks_match_whole(monkeypatch, amp, layout):
     assert mlp.fc1.weight.grad is not None
 
 
+def test_map_tokens_two_dims_and_small_inputs(monkeypatch):
+    torch.manual_seed(0)
+    mlp = Mlp(6, 24).eval()
+    monkeypatch.setattr(common, "INFERENCE_CHUNK_TOKENS", 5)
+    with torch.no_grad():
+        for x in (torch.randn(6, 23).t(), torch.randn(23, 6), torch.randn(1, 4, 6), torch.randn(0, 3, 6)):
+            got = map_tokens(mlp, x)
+            assert got.shape == x.shape, (got.shape, x.shape)
+            assert torch.allclose(got, mlp(x), atol=1e-6, rtol=0), x.shape
+
+
 @pytest.mark.parametrize("size", [(12, 8), (13, 9)])            # (13, 9): padded to (16, 12)
 def test_block_inference_same_with_and_without_chunks(monkeypatch, size):
     torch.manual_seed(0)
