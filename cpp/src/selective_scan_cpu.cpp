@@ -1,7 +1,7 @@
 // Selective scan on the CPU: float32 and float64, parallel over lane groups of
 // 8 neighbouring channels (quadmamba::parallel_for), the time loop sequential.
 // The kernels live in selective_scan_cpu_kernel.inc and are compiled twice on
-// x86_64 with GCC: generic, and for AVX2+FMA, chosen at run time.
+// x86_64 with GCC or Clang: generic, and for AVX2+FMA, chosen at run time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,16 +48,24 @@ struct LaneGroup {
 #undef QM_SCAN_AVX2
 #undef QM_SCAN_NS
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__x86_64__) && defined(__GNUC__)  // GCC and Clang
 #define QM_SCAN_HAVE_AVX2 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 #define QM_SCAN_NS avx2
 #define QM_SCAN_AVX2 1
 #include "selective_scan_cpu_kernel.inc"
 #undef QM_SCAN_AVX2
 #undef QM_SCAN_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #endif
 
 // The AVX2 kernels run when the CPU has AVX2 and FMA, unless cpu_generic_forced().
