@@ -695,6 +695,7 @@ void gather(const TensorView& src, const TensorView& decision, const TensorView&
       return;
     }
 #endif
+    // One row (rows == 1: for_rows makes blocks only for the SSE2 passes above).
     gather_row<T>(L, pc, x + bd * L, o + s0, o + s1, a ? a + s0 : nullptr, a ? a + s1 : nullptr, next, dm[0]);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
@@ -733,6 +734,7 @@ void scatter(const TensorView& seq, const TensorView& decision, const TensorView
       return;
     }
 #endif
+    // One row (rows == 1: for_rows makes blocks only for the SSE2 passes above).
     scatter_row<T>(L, pc, s + s0, s + s1, y + bd * L, a ? a + bd * L : nullptr, S, next, dm[0]);
   });
   if (ddecision.defined()) reduce_partials<T>(workspace.ptr<T>(), ddecision.ptr<T>(), B, D);
