@@ -17,6 +17,8 @@ reductions of per-row partial sums.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -92,8 +94,8 @@ def selective_scan(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
+    D: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = True,
 ) -> torch.Tensor:
     """Selective scan y = S6(u, delta, A, B, C, D, delta_bias); differentiable in every tensor.
@@ -133,8 +135,8 @@ def _selective_scan_op(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
+    D: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
     delta_softplus: bool,
 ) -> torch.Tensor:
     core = _backend.core()
@@ -171,8 +173,8 @@ def _selective_scan_bwd_op(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: torch.Tensor | None,
-    delta_bias: torch.Tensor | None,
+    D: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
     delta_softplus: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype
