@@ -88,6 +88,15 @@ PYBIND11_MODULE(_C, m) {
   }, "The instruction set each family of CPU kernels runs with here (e.g. avx2, avx, sse2, portable).");
   m.def("num_threads", [] { return quadmamba::num_threads(); },
         "Threads the CPU kernels use (shared with PyTorch's OpenMP pool).");
+  m.def("openmp", [] {
+#if defined(QUADMAMBA_WITH_OPENMP)
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CPU kernels run on the OpenMP runtime (else on their own std::thread workers).");
+  m.def("set_num_threads", [](int n) { quadmamba::set_num_threads(n); }, py::arg("n"),
+        "Worker count of builds without OpenMP (<= 0: one per hardware thread); OpenMP builds ignore it.");
 
   // ---- ops are bound below, one block per op --------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 _C = None
+_OPENMP = True  # whether the kernels run on the OpenMP runtime (read from _C on first use)
 
 _DTYPE_CODES = {
     torch.float32: 0,
@@ -18,7 +19,7 @@ _DTYPE_CODES = {
 
 def core():
     """Return the compiled module ``quadmamba._C``, importing it on first use."""
-    global _C
+    global _C, _OPENMP
     if _C is None:
         try:
             from quadmamba import _C as module
@@ -29,6 +30,10 @@ def core():
                 "`pip install .` (or `pip install --no-build-isolation -e .` for development)."
             ) from exc
         _C = module
+        _OPENMP = bool(module.openmp())
+    if not _OPENMP:
+        # Without OpenMP the kernels run on their own workers: as many as torch uses.
+        _C.set_num_threads(torch.get_num_threads())
     return _C
 
 

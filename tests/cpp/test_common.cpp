@@ -54,6 +54,22 @@ TEST(Parallel, RethrowsWorkerErrors) {
                Error);
 }
 
+TEST(Parallel, FollowsTheThreadLimitWithoutOpenMP) {
+#if defined(QUADMAMBA_WITH_OPENMP)
+  GTEST_SKIP() << "OpenMP build: the OpenMP runtime's thread count applies";
+#else
+  for (int limit : {1, 3}) {
+    set_num_threads(limit);
+    EXPECT_EQ(num_threads(), limit);
+    std::atomic<int> ranges{0};
+    parallel_for(0, 1000, 1, [&](int64_t, int64_t) { ranges++; });
+    EXPECT_EQ(ranges.load(), limit) << "limit=" << limit;
+  }
+  set_num_threads(0);
+  EXPECT_GE(num_threads(), 1);
+#endif
+}
+
 TEST(Device, CountIsZeroWithoutCudaBuild) {
   if (cuda_built()) GTEST_SKIP() << "CUDA build: device count depends on the machine";
   EXPECT_EQ(cuda_device_count(), 0);

@@ -409,3 +409,17 @@ def test_generic_cpu_kernels_match_reference(run_portable):
     proc = run_portable(__file__, selection)
     assert proc.returncode == 0, f"generic kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout and "7 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_kernels_use_torchs_thread_count():
+    """The CPU kernels run on as many threads as torch.set_num_threads allows: through the shared
+    OpenMP runtime, or (builds without OpenMP) through the count the op wrappers pass on."""
+    from quadmamba._backend import core
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert core().num_threads() == n, (n, core().num_threads(), core().openmp())
+    finally:
+        torch.set_num_threads(threads)

@@ -1,10 +1,13 @@
 // One parallel loop for the whole core. With OpenMP it uses the process's
 // OpenMP runtime (the same libgomp that PyTorch's CPU build loads, so
 // torch.set_num_threads governs it); without OpenMP it falls back to
-// std::thread with hardware_concurrency workers.
+// std::thread workers: as many as set_num_threads asked for (the Python layer
+// passes torch.get_num_threads() before each kernel call), else one per
+// hardware thread.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -17,11 +20,23 @@
 
 namespace quadmamba {
 
+// The worker count of builds without OpenMP (0: one per hardware thread).
+inline std::atomic<int>& thread_limit() {
+  static std::atomic<int> limit{0};
+  return limit;
+}
+
+// Sets the worker count of builds without OpenMP (n <= 0: one per hardware thread).
+// OpenMP builds follow their runtime's setting (omp_set_num_threads, which
+// torch.set_num_threads calls when the runtime is shared) and ignore this.
+inline void set_num_threads(int n) { thread_limit().store(std::max(n, 0), std::memory_order_relaxed); }
+
 inline int num_threads() {
 #if defined(QUADMAMBA_WITH_OPENMP)
   return omp_get_max_threads();
 #else
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int limit = thread_limit().load(std::memory_order_relaxed);
+  return limit > 0 ? limit : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 #endif
 }
 
