@@ -23,6 +23,7 @@
 // output with non-temporal stores (no read of the destination lines before the write).
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -148,11 +149,24 @@ __attribute__((target("avx"))) void fold_directions_avx(const float* __restrict 
   for (int64_t p = 0; p < L; ++p) S[p] = s0[p] + s1[L - 1 - p];
 }
 
-// Elements p[0:n] of a piece shorter than 4 in lanes 0..n-1, zeros above; reversed: lane i
-// holds p[-1-i] (the reversed direction).
+// p[0:2] in lanes 0, 1 (zeros above) and back, 8 bytes at any float alignment (through
+// memcpy: _mm_load_sd / _mm_store_sd would dereference a misaligned double).
+inline __m128 load_two(const float* p) {
+  double d;
+  std::memcpy(&d, p, sizeof(d));
+  return _mm_castpd_ps(_mm_set_sd(d));
+}
+inline void store_two(float* p, __m128 v) {
+  const double d = _mm_cvtsd_f64(_mm_castps_pd(v));
+  std::memcpy(p, &d, sizeof(d));
+}
+
+// Elements p[0:n] of a piece shorter than 4 in lanes 0..n-1, zeros above (nothing past p[n-1]
+// is read); reversed: lane i holds p[-1-i] (the reversed direction).
 inline __m128 load_head(const float* p, int64_t n) {
-  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
-  return n == 1 ? _mm_load_ss(p) : n == 2 ? two : _mm_movelh_ps(two, _mm_load_ss(p + 2));
+  if (n == 1) return _mm_load_ss(p);
+  const __m128 two = load_two(p);
+  return n == 2 ? two : _mm_movelh_ps(two, _mm_load_ss(p + 2));
 }
 inline __m128 load_head_reversed(const float* p, int64_t n) {
   const __m128 v = load_head(p - n, n);  // p[-n], ..., p[-1]
@@ -162,7 +176,7 @@ inline void store_head(float* p, __m128 v, int64_t n) {
   if (n == 1) {
     _mm_store_ss(p, v);
   } else {
-    _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v));
+    store_two(p, v);
     if (n == 3) _mm_store_ss(p + 2, _mm_movehl_ps(v, v));
   }
 }
