@@ -1,5 +1,6 @@
-"""The core on other compilers and CPUs: builds the C++ core and its GoogleTest executables
-with Clang, and cross-builds them for aarch64 to run under qemu-user (.ci/aarch64).
+"""The core on other compilers and CPUs, and under sanitizers: builds the C++ core and its
+GoogleTest executables with Clang, cross-builds them for aarch64 to run under qemu-user
+(.ci/aarch64), and builds them with AddressSanitizer + UndefinedBehaviorSanitizer.
 
 Each test needs its tools (clang++, or g++-aarch64-linux-gnu + qemu-user) and GoogleTest's
 sources or package; without them it is a skip that says what is missing, unless
@@ -35,25 +36,46 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
 
 
-def test_core_with_clang(tmp_path):
-    _need("clang", "clang++", "cmake")
-    env = dict(os.environ, CC="clang", CXX="clang++")
+def _build_and_run_cpp_tests(build: Path, env: dict, cmake_args=(), levels=("", "2")) -> None:
+    """Configures and builds the core + C++ tests (no Python, no CUDA) into `build`, then runs
+    every test executable once per QUADMAMBA_CPU_GENERIC level ("": native paths)."""
+    env = dict(env)
     env.pop("QUADMAMBA_CPU_GENERIC", None)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    build = tmp_path / "build"
     configure = _run(["cmake", "-S", str(ROOT), "-B", str(build), *generator, "-DQUADMAMBA_PYTHON=OFF",
-                      "-DQUADMAMBA_CUDA=OFF", "-DQUADMAMBA_TESTS=ON"], env=env)
+                      "-DQUADMAMBA_CUDA=OFF", "-DQUADMAMBA_TESTS=ON", *cmake_args], env=env)
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
     if "C++ tests in" not in configure.stdout:
-        _missing("GoogleTest for Clang (libgtest-dev)")
+        _missing("GoogleTest (libgtest-dev)")
     compiled = _run(["cmake", "--build", str(build), "-j2"], env=env)
     assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-2000:]
     binaries = sorted((build / "cpp_tests").glob("test_*"))
     assert [b.name for b in binaries] == sorted(p.stem for p in (ROOT / "tests" / "cpp").glob("test_*.cpp"))
     for binary in binaries:
-        for level in ("", "2"):                           # native paths, then portable ones
+        for level in levels:
             result = _run([str(binary), "--gtest_brief=1"], env=dict(env, QUADMAMBA_CPU_GENERIC=level))
-            assert result.returncode == 0, f"{binary.name} (QUADMAMBA_CPU_GENERIC={level!r}):\n{result.stdout[-4000:]}"
+            assert result.returncode == 0, \
+                f"{binary.name} (QUADMAMBA_CPU_GENERIC={level!r}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def test_core_with_clang(tmp_path):
+    _need("clang", "clang++", "cmake")
+    _build_and_run_cpp_tests(tmp_path / "build", dict(os.environ, CC="clang", CXX="clang++"))
+
+
+def test_core_under_sanitizers(tmp_path):
+    """Every C++ test, on every code path (native, no AVX, no intrinsics), with ASan + UBSan:
+    out-of-bounds or misaligned accesses and undefined arithmetic fail the test."""
+    _need("cmake")
+    cxx = os.environ.get("CXX", "c++")
+    lib = _run([cxx, "-print-file-name=libasan.so"]).stdout.strip()
+    if not lib or not Path(lib).is_file():
+        _missing(f"AddressSanitizer's runtime for {cxx} (libasan)")
+    flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
+    _build_and_run_cpp_tests(tmp_path / "build", env, cmake_args=(
+        "-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DCMAKE_CXX_FLAGS={flags}",
+        "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined"), levels=("", "1", "2"))
 
 
 def test_core_on_aarch64_under_qemu(tmp_path):
