@@ -1,6 +1,7 @@
 """The core on other compilers and CPUs, and under sanitizers: builds the C++ core and its
 GoogleTest executables with Clang, cross-builds them for aarch64 to run under qemu-user
-(.ci/aarch64), and builds them with AddressSanitizer + UndefinedBehaviorSanitizer.
+(.ci/aarch64), and builds them with AddressSanitizer + UndefinedBehaviorSanitizer and with
+ThreadSanitizer.
 
 Each test needs its tools (clang++, or g++-aarch64-linux-gnu + qemu-user) and GoogleTest's
 sources or package; without them it is a skip that says what is missing, unless
@@ -86,3 +87,17 @@ def test_core_on_aarch64_under_qemu(tmp_path):
     assert result.stdout.count("(aarch64, qemu)") == len(list((ROOT / "tests" / "cpp").glob("test_*.cpp"))), \
         result.stdout[-2000:]
     assert "FAILED" not in result.stdout, result.stdout[-4000:]
+
+
+def test_core_under_thread_sanitizer(tmp_path):
+    """Every C++ test with ThreadSanitizer, on the std::thread workers (OpenMP off: TSan does not
+    see into libgomp): a data race between the kernels' threads fails the test."""
+    _need("cmake")
+    cxx = os.environ.get("CXX", "c++")
+    lib = _run([cxx, "-print-file-name=libtsan.so"]).stdout.strip()
+    if not lib or not Path(lib).is_file():
+        _missing(f"ThreadSanitizer's runtime for {cxx} (libtsan)")
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1")
+    _build_and_run_cpp_tests(tmp_path / "build", env, cmake_args=(
+        "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON",
+        "-DCMAKE_CXX_FLAGS=-fsanitize=thread", "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread"))
