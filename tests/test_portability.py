@@ -64,19 +64,26 @@ def test_core_with_clang(tmp_path):
     _build_and_run_cpp_tests(tmp_path / "build", dict(os.environ, CC="clang", CXX="clang++"))
 
 
+def _build_sanitized(build: Path, flags: str, runtime: str, env: dict, extra_args=(), levels=("", "2")) -> None:
+    """_build_and_run_cpp_tests with every object and executable built with `flags`
+    (-fsanitize=...), when the compiler has the sanitizer's `runtime` library."""
+    _need("cmake")
+    cxx = os.environ.get("CXX", "c++")
+    lib = _run([cxx, f"-print-file-name={runtime}"]).stdout.strip()
+    if not lib or not Path(lib).is_file():
+        _missing(f"the sanitizer runtime {runtime} for {cxx}")
+    _build_and_run_cpp_tests(build, env, cmake_args=(
+        "-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={flags}",
+        *extra_args), levels=levels)
+
+
 def test_core_under_sanitizers(tmp_path):
     """Every C++ test, on every code path (native, no AVX, no intrinsics), with ASan + UBSan:
     out-of-bounds or misaligned accesses and undefined arithmetic fail the test."""
-    _need("cmake")
-    cxx = os.environ.get("CXX", "c++")
-    lib = _run([cxx, "-print-file-name=libasan.so"]).stdout.strip()
-    if not lib or not Path(lib).is_file():
-        _missing(f"AddressSanitizer's runtime for {cxx} (libasan)")
-    flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
-    _build_and_run_cpp_tests(tmp_path / "build", env, cmake_args=(
-        "-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DCMAKE_CXX_FLAGS={flags}",
-        "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=address,undefined"), levels=("", "1", "2"))
+    _build_sanitized(tmp_path / "build",
+                     "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined",
+                     "libasan.so", dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1"),
+                     levels=("", "1", "2"))
 
 
 def test_core_on_aarch64_under_qemu(tmp_path):
@@ -92,12 +99,6 @@ def test_core_on_aarch64_under_qemu(tmp_path):
 def test_core_under_thread_sanitizer(tmp_path):
     """Every C++ test with ThreadSanitizer, on the std::thread workers (OpenMP off: TSan does not
     see into libgomp): a data race between the kernels' threads fails the test."""
-    _need("cmake")
-    cxx = os.environ.get("CXX", "c++")
-    lib = _run([cxx, "-print-file-name=libtsan.so"]).stdout.strip()
-    if not lib or not Path(lib).is_file():
-        _missing(f"ThreadSanitizer's runtime for {cxx} (libtsan)")
-    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1")
-    _build_and_run_cpp_tests(tmp_path / "build", env, cmake_args=(
-        "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON",
-        "-DCMAKE_CXX_FLAGS=-fsanitize=thread", "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread"))
+    _build_sanitized(tmp_path / "build", "-fsanitize=thread", "libtsan.so",
+                     dict(os.environ, TSAN_OPTIONS="halt_on_error=1"),
+                     extra_args=("-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON",))
