@@ -57,7 +57,7 @@ def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
     """
     chunk = INFERENCE_CHUNK_TOKENS
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (chunk <= 0 or tokens <= chunk or x.dim() < 2 or x.device.type != "cpu"
+    if (chunk <= 0 or tokens <= chunk or x.device.type != "cpu"
             or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return fn(x)
