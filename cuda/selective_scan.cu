@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "common.cuh"
 #include "quadmamba/selective_scan.h"
@@ -65,7 +66,8 @@ __device__ __forceinline__ void load_items(const T* row, int64_t t0, int64_t L, 
 #pragma unroll
     for (int v = 0; v < kItems / kVec; ++v) {
       const uint4 raw = src[v];
-      const T* e = reinterpret_cast<const T*>(&raw);
+      T e[kVec];  // the vector's elements (memcpy: reading a uint4 through a T* would break aliasing rules)
+      memcpy(e, &raw, sizeof(raw));
 #pragma unroll
       for (int i = 0; i < kVec; ++i) out[v * kVec + i] = to_float(e[i]);
     }
@@ -83,10 +85,11 @@ __device__ __forceinline__ void store_items(T* row, int64_t t0, int64_t L, const
     uint4* dst = reinterpret_cast<uint4*>(row + t0);
 #pragma unroll
     for (int v = 0; v < kItems / kVec; ++v) {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
+      T e[kVec];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) e[i] = from_float<T>(in[v * kVec + i]);
+      uint4 raw;
+      memcpy(&raw, e, sizeof(raw));
       dst[v] = raw;
     }
   } else {

@@ -102,3 +102,43 @@ def test_core_under_thread_sanitizer(tmp_path):
     _build_sanitized(tmp_path / "build", "-fsanitize=thread", "libtsan.so",
                      dict(os.environ, TSAN_OPTIONS="halt_on_error=1"),
                      extra_args=("-DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON",))
+
+
+def test_cuda_kernels_under_the_cpu_emulator(tmp_path):
+    """The CUDA kernels (cuda/*.cu) compiled as C++ against the CPU emulation of CUDA in
+    tests/cuda_emu (every CUDA thread a fiber; see qm_cuda_emu.h), with ASan + UBSan on the
+    kernels, and the CUDA cases of the C++ tests run against the CPU kernels under two
+    schedules of the threads: `shuffle:1` (random order, warps at random speeds: a missing
+    __syncthreads shows up as a wrong result) and `reverse`. The emulator's own tests first."""
+    _need("cmake")
+    cxx = os.environ.get("CXX", "c++")
+    lib = _run([cxx, "-print-file-name=libasan.so"]).stdout.strip()
+    if not lib or not Path(lib).is_file():
+        _missing(f"the sanitizer runtime libasan.so for {cxx}")
+    build = tmp_path / "build"
+    flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = _run(["cmake", "-S", str(ROOT), "-B", str(build), *generator, "-DQUADMAMBA_PYTHON=OFF",
+                      "-DQUADMAMBA_CUDA=OFF", "-DQUADMAMBA_TESTS=ON", "-DQUADMAMBA_CUDA_EMULATOR=ON",
+                      "-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DQUADMAMBA_CUDA_EMULATOR_FLAGS={flags}",
+                      f"-DCMAKE_EXE_LINKER_FLAGS={flags}"])
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    if "C++ tests in" not in configure.stdout:
+        _missing("GoogleTest (libgtest-dev)")
+    targets = ["test_cuda_emu", "test_selective_scan", "test_quad_scan"]
+    compiled = _run(["cmake", "--build", str(build), "-j2", "--target", *targets])
+    assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-2000:]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
+    env.pop("QUADMAMBA_CPU_GENERIC", None)
+
+    def run(binary: str, gtest_filter: str, order: str, cases: int) -> None:
+        result = _run([str(build / "cpp_tests" / binary), f"--gtest_filter={gtest_filter}", "--gtest_brief=1"],
+                      env=dict(env, QM_CUDA_EMU_ORDER=order))
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{binary} ({order}):\n{output[-6000:]}"
+        assert f"[  PASSED  ] {cases} test" in output and "SKIPPED" not in output, output[-3000:]
+
+    run("test_cuda_emu", "*", "shuffle:1", 8)
+    for order in ("shuffle:1", "reverse"):
+        run("test_selective_scan", "*Cuda*", order, 3)
+        run("test_quad_scan", "*Cuda*", order, 3)

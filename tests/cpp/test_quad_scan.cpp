@@ -11,6 +11,8 @@
 #include "quadmamba/quad_scan.h"
 
 #if defined(QUADMAMBA_WITH_CUDA)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -242,6 +244,92 @@ void check_cuda_against_cpu(const Case& k) {
   expect_close(cross_yd.get(), cross_y, tol, "cross_merge_fwd");
 }
 
+// Cases for the CUDA kernels beyond kCases: several channel tiles (kRows = 8) with a
+// partial last tile, and several chunks of L per block row.
+const Case kCudaCases[] = {
+    {2, 19, 32, 24, 5, -3, false}, {1, 64, 64, 64, 9, 17, true}, {3, 9, 16, 16, -2, 6, true},
+};
+
+// float16 / bfloat16 data (decision, its gradient and the workspace in float32): the CUDA
+// kernels on values rounded to H against the CPU float32 kernels on the same values.
+template <typename H> H to_h(float v);
+template <> __half to_h<__half>(float v) { return __float2half_rn(v); }
+template <> __nv_bfloat16 to_h<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+float from_h(__half v) { return __half2float(v); }
+float from_h(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename H>
+struct HalfData {
+  std::vector<float> f;  // the values, rounded to H
+  std::vector<H> h;
+  explicit HalfData(std::vector<float> v) : f(std::move(v)), h(f.size()) {
+    for (size_t i = 0; i < f.size(); ++i) {
+      h[i] = to_h<H>(f[i]);
+      f[i] = from_h(h[i]);
+    }
+  }
+};
+
+template <typename H>
+std::vector<float> widen(const std::vector<H>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = from_h(v[i]);
+  return out;
+}
+
+template <typename H>
+void check_half_against_cpu(const Case& k, double tol) {
+  const int64_t B = k.B, D = k.D, H_ = k.H, W = k.W, L = H_ * W;
+  const QuadGeometry g =
+      make_quad_geometry(H_, W, k.sy, k.sx, k.official ? QuadOrder::Official : QuadOrder::Quadtree);
+  const DType f32 = DType::Float32, dh = std::is_same<H, __half>::value ? DType::Float16 : DType::BFloat16;
+  const HalfData<H> x(randn<float>(B * D * L, 15)), ys(randn<float>(B * 2 * D * L, 16)),
+      cross_in(randn<float>(B * 4 * D * L, 17));
+  std::vector<float> dec(B * 4, 0.f);
+  for (int64_t b = 0; b < B; ++b) dec[b * 4 + (b + 1) % 4] = 1.f;
+  const std::vector<float> nan_seq(B * 2 * D * L, NAN), nan_raster(B * D * L, NAN), nan_dec(B * 4, NAN),
+      nan_ws(B * D * 4, NAN), nan_cross(B * 4 * D * L, NAN);
+  auto out = nan_seq, y = nan_raster, dx = nan_raster, dys = nan_seq, dd1 = nan_dec, dd2 = nan_dec, ws = nan_ws,
+       cross_out = nan_cross, cross_y = nan_raster;
+  TensorView xv(const_cast<float*>(x.f.data()), f32, {B, D, H_, W}),
+      ysv(const_cast<float*>(ys.f.data()), f32, {B, 2, D, L}), dv(dec.data(), f32, {B, 4});
+  quad_scan_fwd_cpu(xv, dv, TensorView(out.data(), f32, {B, 2, D, L}), g);
+  quad_merge_fwd_cpu(ysv, dv, TensorView(y.data(), f32, {B, D, H_, W}), g);
+  quad_scan_bwd_cpu(xv, dv, ysv, TensorView(dx.data(), f32, {B, D, H_, W}), TensorView(dd1.data(), f32, {B, 4}),
+                    TensorView(ws.data(), f32, {B, D, 4}), g);
+  quad_merge_bwd_cpu(ysv, dv, xv, TensorView(dys.data(), f32, {B, 2, D, L}), TensorView(dd2.data(), f32, {B, 4}),
+                     TensorView(ws.data(), f32, {B, D, 4}), g);
+  cross_scan_fwd_cpu(xv, TensorView(cross_out.data(), f32, {B, 4, D, L}));
+  cross_merge_fwd_cpu(TensorView(const_cast<float*>(cross_in.f.data()), f32, {B, 4, D, L}),
+                      TensorView(cross_y.data(), f32, {B, D, H_, W}));
+
+  const std::vector<H> hnan_seq(B * 2 * D * L, to_h<H>(NAN)), hnan_raster(B * D * L, to_h<H>(NAN)),
+      hnan_cross(B * 4 * D * L, to_h<H>(NAN));
+  DeviceBuffer<H> xd(x.h), ysd(ys.h), cind(cross_in.h), outd(hnan_seq), yd(hnan_raster), dxd(hnan_raster),
+      dysd(hnan_seq), coutd(hnan_cross), cyd(hnan_raster);
+  DeviceBuffer<float> decd(dec), dd1d(nan_dec), dd2d(nan_dec), wsd(nan_ws);
+  auto hv = [&](const DeviceBuffer<H>& b, std::initializer_list<int64_t> shape) { return TensorView(b.ptr, dh, shape, Device{0}); };
+  quad_scan_fwd_cuda(hv(xd, {B, D, H_, W}), decd.view({B, 4}), hv(outd, {B, 2, D, L}), g, nullptr);
+  quad_merge_fwd_cuda(hv(ysd, {B, 2, D, L}), decd.view({B, 4}), hv(yd, {B, D, H_, W}), g, nullptr);
+  quad_scan_bwd_cuda(hv(xd, {B, D, H_, W}), decd.view({B, 4}), hv(ysd, {B, 2, D, L}), hv(dxd, {B, D, H_, W}),
+                     dd1d.view({B, 4}), wsd.view({B, D, 4}), g, nullptr);
+  quad_merge_bwd_cuda(hv(ysd, {B, 2, D, L}), decd.view({B, 4}), hv(xd, {B, D, H_, W}), hv(dysd, {B, 2, D, L}),
+                      dd2d.view({B, 4}), wsd.view({B, D, 4}), g, nullptr);
+  cross_scan_fwd_cuda(hv(xd, {B, D, H_, W}), hv(coutd, {B, 4, D, L}), nullptr);
+  cross_merge_fwd_cuda(hv(cind, {B, 4, D, L}), hv(cyd, {B, D, H_, W}), nullptr);
+  const char* name = std::is_same<H, __half>::value ? "float16" : "bfloat16";
+  // Data outputs: one rounding to H (a copy, or a sum of 2 or 4 values).
+  expect_close(widen(outd.get()), out, tol, (std::string("quad_scan_fwd ") + name).c_str());
+  expect_close(widen(yd.get()), y, tol, (std::string("quad_merge_fwd ") + name).c_str());
+  expect_close(widen(dxd.get()), dx, tol, (std::string("quad_scan_bwd dx ") + name).c_str());
+  expect_close(widen(dysd.get()), dys, tol, (std::string("quad_merge_bwd dys ") + name).c_str());
+  expect_close(widen(coutd.get()), cross_out, 0, (std::string("cross_scan_fwd ") + name).c_str());
+  expect_close(widen(cyd.get()), cross_y, tol, (std::string("cross_merge_fwd ") + name).c_str());
+  // Decision gradients: float32 sums of the same products, in another order.
+  expect_close(dd1d.get(), dd1, 1e-3, (std::string("quad_scan_bwd ddecision ") + name).c_str());
+  expect_close(dd2d.get(), dd2, 1e-3, (std::string("quad_merge_bwd ddecision ") + name).c_str());
+}
+
 }  // namespace
 #endif
 
@@ -252,6 +340,44 @@ TEST(QuadScanCuda, MatchesCpu) {
     check_cuda_against_cpu<float>(k);
     check_cuda_against_cpu<double>(k);
   }
+  for (const Case& k : kCudaCases) {
+    check_cuda_against_cpu<float>(k);
+    check_cuda_against_cpu<double>(k);
+  }
+#else
+  GTEST_SKIP() << "built without CUDA kernels";
+#endif
+}
+
+TEST(QuadScanCuda, HalfAndBFloat16MatchCpu) {
+#if defined(QUADMAMBA_WITH_CUDA)
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const Case& k : {kCases[0], kCases[2], kCudaCases[0], kCudaCases[2]}) {
+    check_half_against_cpu<__half>(k, 1e-3);
+    check_half_against_cpu<__nv_bfloat16>(k, 8e-3);
+  }
+#else
+  GTEST_SKIP() << "built without CUDA kernels";
+#endif
+}
+
+TEST(CrossScanCuda, GridStrideLoopMatchesCpu) {
+#if defined(QUADMAMBA_WITH_CUDA)
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  // D * L = 1,064,960 outputs per batch element and direction: more than the 4096 blocks of
+  // 256 threads of the grid, so threads take a second turn of the grid-stride loop.
+  const int64_t B = 2, D = 65, H = 128, W = 128, L = H * W;
+  const auto x = randn<float>(B * D * L, 21), ys = randn<float>(B * 4 * D * L, 22);
+  std::vector<float> out(B * 4 * D * L, NAN), y(B * D * L, NAN);
+  cross_scan_fwd_cpu(TensorView(const_cast<float*>(x.data()), DType::Float32, {B, D, H, W}),
+                     TensorView(out.data(), DType::Float32, {B, 4, D, L}));
+  cross_merge_fwd_cpu(TensorView(const_cast<float*>(ys.data()), DType::Float32, {B, 4, D, L}),
+                      TensorView(y.data(), DType::Float32, {B, D, H, W}));
+  DeviceBuffer<float> xd(x), ysd(ys), outd(std::vector<float>(out.size(), NAN)), yd(std::vector<float>(y.size(), NAN));
+  cross_scan_fwd_cuda(xd.view({B, D, H, W}), outd.view({B, 4, D, L}), nullptr);
+  cross_merge_fwd_cuda(ysd.view({B, 4, D, L}), yd.view({B, D, H, W}), nullptr);
+  expect_close(outd.get(), out, 0, "cross_scan_fwd");
+  expect_close(yd.get(), y, 1e-6, "cross_merge_fwd");
 #else
   GTEST_SKIP() << "built without CUDA kernels";
 #endif

@@ -13,7 +13,11 @@
 #include "quadmamba/selective_scan.h"
 
 #if defined(QUADMAMBA_WITH_CUDA)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 #endif
 
 using namespace quadmamba;
@@ -258,57 +262,83 @@ TEST(SelectiveScanCpu, RejectsBadShapes) {
 #if defined(QUADMAMBA_WITH_CUDA)
 namespace {
 
+// Element conversions of the CUDA data types (float32, float16, bfloat16).
+template <typename T> T to_elem(double v);
+template <> float to_elem<float>(double v) { return static_cast<float>(v); }
+template <> __half to_elem<__half>(double v) { return __float2half_rn(static_cast<float>(v)); }
+template <> __nv_bfloat16 to_elem<__nv_bfloat16>(double v) { return __float2bfloat16_rn(static_cast<float>(v)); }
+double from_elem(float v) { return v; }
+double from_elem(__half v) { return __half2float(v); }
+double from_elem(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> constexpr DType cuda_dtype() {
+  return std::is_same<T, float>::value ? DType::Float32
+         : std::is_same<T, __half>::value ? DType::Float16 : DType::BFloat16;
+}
+
+// A device array of T filled from doubles (or `fill` when `host` is empty and n > 0).
+template <typename T>
 struct DeviceBuffer {
-  float* ptr = nullptr;
-  explicit DeviceBuffer(const std::vector<float>& host) {
-    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(host.size(), 1) * sizeof(float)), cudaSuccess);
-    if (!host.empty())
-      EXPECT_EQ(cudaMemcpy(ptr, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(const std::vector<double>& host) : n(host.size()) {
+    std::vector<T> h(n);
+    for (size_t i = 0; i < n; ++i) h[i] = to_elem<T>(host[i]);
+    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
+    if (n) EXPECT_EQ(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
   }
   ~DeviceBuffer() { cudaFree(ptr); }
-  std::vector<double> get(size_t n) const {
-    std::vector<float> host(n);
-    EXPECT_EQ(cudaMemcpy(host.data(), ptr, n * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
-    return std::vector<double>(host.begin(), host.end());
+  std::vector<double> get() const {
+    std::vector<T> h(n);
+    if (n) EXPECT_EQ(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    std::vector<double> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = from_elem(h[i]);
+    return out;
+  }
+  TensorView view(std::initializer_list<int64_t> shape) const {
+    return TensorView(ptr, cuda_dtype<T>(), shape, Device{0});
   }
 };
 
-TensorView dview(const DeviceBuffer& b, std::initializer_list<int64_t> shape) {
-  TensorView v(b.ptr, DType::Float32, shape, Device{0});
-  return v;
-}
-
+// The CUDA kernels with u, delta, B, C, dy (and y, du, ddelta) in T; A, D, delta_bias and
+// their gradients in float32. Outputs are NaN-poisoned (every entry must be written).
+template <typename T>
 Grads run_cuda(const Problem& p, bool deterministic = false) {
   const Shape& s = p.s;
   const int64_t KD = s.channels(), L = s.length, N = s.dstate, Bn = s.batch, K = s.groups;
   const size_t rows = p.u.size();
-  DeviceBuffer u(cast<float>(p.u)), delta(cast<float>(p.delta)), A(cast<float>(p.A)),
-      B(cast<float>(p.B)), C(cast<float>(p.C)), D(cast<float>(p.D)), bias(cast<float>(p.bias)),
-      dy(cast<float>(p.dy));
-  const std::vector<float> nan_rows(rows, std::nanf("")), zero_bc(p.B.size(), 0.f), zero_a(p.A.size(), 0.f),
-      zero_kd(KD, 0.f);
-  DeviceBuffer y(nan_rows), du(nan_rows), ddelta(nan_rows), dA(zero_a), dB(zero_bc), dC(zero_bc), dD(zero_kd),
-      dbias(zero_kd);
+  const double nan = std::nan("");
+  DeviceBuffer<T> u(p.u), delta(p.delta), B(p.B), C(p.C), dy(p.dy);
+  DeviceBuffer<float> A(p.A), D(p.D), bias(p.bias);
+  const std::vector<double> nan_rows(rows, nan), zero_bc(p.B.size(), 0.0), zero_a(p.A.size(), 0.0),
+      zero_kd(KD, 0.0);
+  DeviceBuffer<T> y(nan_rows), du(nan_rows), ddelta(nan_rows);
+  DeviceBuffer<float> dA(zero_a), dB(zero_bc), dC(zero_bc), dD(zero_kd), dbias(zero_kd);
   const int64_t chunks = (L + selective_scan_chunk_cuda() - 1) / selective_scan_chunk_cuda();
-  DeviceBuffer ws(std::vector<float>(Bn * KD * chunks * N, 0.f));
+  DeviceBuffer<float> ws(std::vector<double>(Bn * KD * chunks * N, 0.0));
   // Deterministic mode: NaN-poisoned partials (every entry must be written before it is read).
-  DeviceBuffer part(std::vector<float>(deterministic ? 2 * Bn * KD * N * L : 0, std::nanf(""))),
-      rowpart(std::vector<float>(deterministic ? Bn * KD * (N + 2) : 0, std::nanf("")));
-  const TensorView vu = dview(u, {Bn, KD, L}), vdelta = dview(delta, {Bn, KD, L}), vA = dview(A, {KD, N}),
-                   vB = dview(B, {Bn, K, N, L}), vC = dview(C, {Bn, K, N, L}), vdy = dview(dy, {Bn, KD, L});
-  const TensorView vD = s.with_D ? dview(D, {KD}) : TensorView();
-  const TensorView vbias = s.with_bias ? dview(bias, {KD}) : TensorView();
+  DeviceBuffer<float> part(std::vector<double>(deterministic ? 2 * Bn * KD * N * L : 0, nan)),
+      rowpart(std::vector<double>(deterministic ? Bn * KD * (N + 2) : 0, nan));
+  const TensorView vu = u.view({Bn, KD, L}), vdelta = delta.view({Bn, KD, L}), vA = A.view({KD, N}),
+                   vB = B.view({Bn, K, N, L}), vC = C.view({Bn, K, N, L}), vdy = dy.view({Bn, KD, L});
+  const TensorView vD = s.with_D ? D.view({KD}) : TensorView();
+  const TensorView vbias = s.with_bias ? bias.view({KD}) : TensorView();
   auto params = selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, s.softplus);
-  selective_scan_fwd_cuda(params, vu, vdelta, vA, vB, vC, vD, vbias, dview(y, {Bn, KD, L}));
-  selective_scan_bwd_cuda(params, vu, vdelta, vA, vB, vC, vD, vbias, vdy, dview(du, {Bn, KD, L}),
-                          dview(ddelta, {Bn, KD, L}), dview(dA, {KD, N}), dview(dB, {Bn, K, N, L}),
-                          dview(dC, {Bn, K, N, L}), dview(dD, {KD}), dview(dbias, {KD}),
-                          dview(ws, {Bn, KD, chunks, N}),
-                          deterministic ? dview(part, {2, Bn, KD, N, L}) : TensorView(),
-                          deterministic ? dview(rowpart, {Bn, KD, N + 2}) : TensorView());
+  selective_scan_fwd_cuda(params, vu, vdelta, vA, vB, vC, vD, vbias, y.view({Bn, KD, L}));
+  selective_scan_bwd_cuda(params, vu, vdelta, vA, vB, vC, vD, vbias, vdy, du.view({Bn, KD, L}),
+                          ddelta.view({Bn, KD, L}), dA.view({KD, N}), dB.view({Bn, K, N, L}),
+                          dC.view({Bn, K, N, L}), dD.view({KD}), dbias.view({KD}), ws.view({Bn, KD, chunks, N}),
+                          deterministic ? part.view({2, Bn, KD, N, L}) : TensorView(),
+                          deterministic ? rowpart.view({Bn, KD, N + 2}) : TensorView());
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  return Grads{y.get(rows), du.get(rows), ddelta.get(rows), dA.get(p.A.size()), dB.get(p.B.size()),
-               dC.get(p.C.size()), dD.get(KD), dbias.get(KD)};
+  return Grads{y.get(), du.get(), ddelta.get(), dA.get(), dB.get(), dC.get(), dD.get(), dbias.get()};
+}
+
+// p with u, delta, B, C, dy rounded to T (what a T tensor holds).
+template <typename T>
+Problem rounded(Problem p) {
+  for (auto* v : {&p.u, &p.delta, &p.B, &p.C, &p.dy})
+    for (double& e : *v) e = from_elem(to_elem<T>(e));
+  return p;
 }
 
 }  // namespace
@@ -323,7 +353,7 @@ TEST(SelectiveScanCuda, MatchesCpu) {
   uint32_t seed = 500;
   for (const Shape& s : shapes) {
     const Problem p = make_problem(s, seed++);
-    expect_grads(run_cuda(p), run_cpu<double>(p), s, "cuda", 1e-4, 1e-5);
+    expect_grads(run_cuda<float>(p), run_cpu<double>(p), s, "cuda", 1e-4, 1e-5);
   }
 }
 
@@ -334,7 +364,7 @@ TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
   uint32_t seed = 900;
   for (const Shape& s : shapes) {
     const Problem p = make_problem(s, seed++);
-    const Grads first = run_cuda(p, true), second = run_cuda(p, true);
+    const Grads first = run_cuda<float>(p, true), second = run_cuda<float>(p, true);
     expect_grads(first, run_cpu<double>(p), s, "cuda deterministic", 1e-4, 1e-5);
     EXPECT_EQ(first.dB, second.dB);
     EXPECT_EQ(first.dC, second.dC);
@@ -343,8 +373,41 @@ TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
     EXPECT_EQ(first.dbias, second.dbias);
   }
 }
+
+// float16 / bfloat16 inputs: the float32 arithmetic of the kernels on the rounded inputs,
+// against the CPU float64 kernels on the same values; y, du, ddelta are rounded to the
+// input type once (relative error <= 2^-11 for float16, 2^-8 for bfloat16, with margin).
+template <typename T>
+void check_half_inputs(double rtol) {
+  const std::vector<Shape> shapes = {
+      {2, 2, 3, 4, 63, false, true, true},  {1, 4, 9, 16, 64, true, false, false},
+      {2, 1, 8, 1, 65, true, true, true},   {1, 2, 2, 1, 1025, true, true, true},
+      {1, 1, 3, 2, 2056, true, true, true},
+  };
+  uint32_t seed = 700;
+  for (const Shape& s : shapes) {
+    const Problem p = rounded<T>(make_problem(s, seed++));
+    const Grads got = run_cuda<T>(p), want = run_cpu<double>(p);
+    const std::string where = std::string(std::is_same<T, __half>::value ? "float16 " : "bfloat16 ") + s.str();
+    expect_close(got.y, want.y, "y " + where, rtol, 1e-5);
+    expect_close(got.du, want.du, "du " + where, rtol, 1e-5);
+    expect_close(got.ddelta, want.ddelta, "ddelta " + where, rtol, 1e-5);
+    expect_close(got.dA, want.dA, "dA " + where, 1e-4, 1e-5);
+    expect_close(got.dB, want.dB, "dB " + where, 1e-4, 1e-5);
+    expect_close(got.dC, want.dC, "dC " + where, 1e-4, 1e-5);
+    expect_close(got.dD, want.dD, "dD " + where, 1e-4, 1e-5);
+    expect_close(got.dbias, want.dbias, "dbias " + where, 1e-4, 1e-5);
+  }
+}
+
+TEST(SelectiveScanCuda, HalfAndBFloat16InputsMatchCpu) {
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  check_half_inputs<__half>(2e-3);
+  check_half_inputs<__nv_bfloat16>(1.6e-2);
+}
 #else
 TEST(SelectiveScanCuda, MatchesCpu) { GTEST_SKIP() << "built without CUDA kernels"; }
+TEST(SelectiveScanCuda, HalfAndBFloat16InputsMatchCpu) { GTEST_SKIP() << "built without CUDA kernels"; }
 TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
   GTEST_SKIP() << "built without CUDA kernels";
 }
