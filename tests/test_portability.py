@@ -1,7 +1,8 @@
 """The core on other compilers and CPUs, and under sanitizers: builds the C++ core and its
 GoogleTest executables with Clang, cross-builds them for aarch64 to run under qemu-user
-(.ci/aarch64), and builds them with AddressSanitizer + UndefinedBehaviorSanitizer and with
-ThreadSanitizer.
+(.ci/aarch64), builds them with AddressSanitizer + UndefinedBehaviorSanitizer and with
+ThreadSanitizer, and runs the CUDA kernels' C++ tests on the CPU emulation of CUDA
+(tests/cuda_emu).
 
 Each test needs its tools (clang++, or g++-aarch64-linux-gnu + qemu-user) and GoogleTest's
 sources or package; without them it is a skip that says what is missing, unless
@@ -37,19 +38,25 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
 
 
-def _build_and_run_cpp_tests(build: Path, env: dict, cmake_args=(), levels=("", "2")) -> None:
-    """Configures and builds the core + C++ tests (no Python, no CUDA) into `build`, then runs
-    every test executable once per QUADMAMBA_CPU_GENERIC level ("": native paths)."""
-    env = dict(env)
-    env.pop("QUADMAMBA_CPU_GENERIC", None)
+def _build_cpp_tests(build: Path, env: dict, cmake_args=(), targets=()) -> None:
+    """Configures and builds the core + C++ tests (no Python, no CUDA) into `build` (only
+    `targets` when given)."""
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = _run(["cmake", "-S", str(ROOT), "-B", str(build), *generator, "-DQUADMAMBA_PYTHON=OFF",
                       "-DQUADMAMBA_CUDA=OFF", "-DQUADMAMBA_TESTS=ON", *cmake_args], env=env)
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
     if "C++ tests in" not in configure.stdout:
         _missing("GoogleTest (libgtest-dev)")
-    compiled = _run(["cmake", "--build", str(build), "-j2"], env=env)
+    compiled = _run(["cmake", "--build", str(build), "-j2", *(["--target", *targets] if targets else [])], env=env)
     assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-2000:]
+
+
+def _build_and_run_cpp_tests(build: Path, env: dict, cmake_args=(), levels=("", "2")) -> None:
+    """_build_cpp_tests, then every test executable once per QUADMAMBA_CPU_GENERIC level
+    ("": native paths)."""
+    env = dict(env)
+    env.pop("QUADMAMBA_CPU_GENERIC", None)
+    _build_cpp_tests(build, env, cmake_args)
     binaries = sorted((build / "cpp_tests").glob("test_*"))
     assert [b.name for b in binaries] == sorted(p.stem for p in (ROOT / "tests" / "cpp").glob("test_*.cpp"))
     for binary in binaries:
@@ -64,14 +71,18 @@ def test_core_with_clang(tmp_path):
     _build_and_run_cpp_tests(tmp_path / "build", dict(os.environ, CC="clang", CXX="clang++"))
 
 
-def _build_sanitized(build: Path, flags: str, runtime: str, env: dict, extra_args=(), levels=("", "2")) -> None:
-    """_build_and_run_cpp_tests with every object and executable built with `flags`
-    (-fsanitize=...), when the compiler has the sanitizer's `runtime` library."""
-    _need("cmake")
+def _need_sanitizer_runtime(runtime: str) -> None:
     cxx = os.environ.get("CXX", "c++")
     lib = _run([cxx, f"-print-file-name={runtime}"]).stdout.strip()
     if not lib or not Path(lib).is_file():
         _missing(f"the sanitizer runtime {runtime} for {cxx}")
+
+
+def _build_sanitized(build: Path, flags: str, runtime: str, env: dict, extra_args=(), levels=("", "2")) -> None:
+    """_build_and_run_cpp_tests with every object and executable built with `flags`
+    (-fsanitize=...), when the compiler has the sanitizer's `runtime` library."""
+    _need("cmake")
+    _need_sanitizer_runtime(runtime)
     _build_and_run_cpp_tests(build, env, cmake_args=(
         "-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={flags}",
         *extra_args), levels=levels)
@@ -111,25 +122,15 @@ def test_cuda_kernels_under_the_cpu_emulator(tmp_path):
     schedules of the threads: `shuffle:1` (random order, warps at random speeds: a missing
     __syncthreads shows up as a wrong result) and `reverse`. The emulator's own tests first."""
     _need("cmake")
-    cxx = os.environ.get("CXX", "c++")
-    lib = _run([cxx, "-print-file-name=libasan.so"]).stdout.strip()
-    if not lib or not Path(lib).is_file():
-        _missing(f"the sanitizer runtime libasan.so for {cxx}")
+    _need_sanitizer_runtime("libasan.so")
     build = tmp_path / "build"
     flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    configure = _run(["cmake", "-S", str(ROOT), "-B", str(build), *generator, "-DQUADMAMBA_PYTHON=OFF",
-                      "-DQUADMAMBA_CUDA=OFF", "-DQUADMAMBA_TESTS=ON", "-DQUADMAMBA_CUDA_EMULATOR=ON",
-                      "-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DQUADMAMBA_CUDA_EMULATOR_FLAGS={flags}",
-                      f"-DCMAKE_EXE_LINKER_FLAGS={flags}"])
-    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
-    if "C++ tests in" not in configure.stdout:
-        _missing("GoogleTest (libgtest-dev)")
-    targets = ["test_cuda_emu", "test_selective_scan", "test_quad_scan"]
-    compiled = _run(["cmake", "--build", str(build), "-j2", "--target", *targets])
-    assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-2000:]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
     env.pop("QUADMAMBA_CPU_GENERIC", None)
+    _build_cpp_tests(build, env, cmake_args=(
+        "-DQUADMAMBA_CUDA_EMULATOR=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+        f"-DQUADMAMBA_CUDA_EMULATOR_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={flags}"),
+        targets=("test_cuda_emu", "test_selective_scan", "test_quad_scan"))
 
     def run(binary: str, gtest_filter: str, order: str, cases: int) -> None:
         result = _run([str(build / "cpp_tests" / binary), f"--gtest_filter={gtest_filter}", "--gtest_brief=1"],

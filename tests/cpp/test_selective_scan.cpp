@@ -350,6 +350,8 @@ TEST(SelectiveScanCuda, MatchesCpu) {
   shapes.push_back({1, 2, 3, 1, 1025, true, true, true});
   shapes.push_back({2, 1, 2, 4, 2049, true, true, true});
   shapes.push_back({1, 2, 2, 1, 5000, true, true, true});
+  shapes.push_back({1, 1, 1, 2, 2048, false, true, true});     // exactly one forward chunk
+  shapes.push_back({1, 1, 2, 1, 100000, true, true, true});    // long: 49 / 98 chunks
   uint32_t seed = 500;
   for (const Shape& s : shapes) {
     const Problem p = make_problem(s, seed++);
