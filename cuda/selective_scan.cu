@@ -2,6 +2,9 @@
 //
 // One thread block per row (b, d). The sequence runs in chunks of
 // kThreads x kItems positions; each thread holds kItems consecutive positions.
+// kThreads is 128 (forward chunk 2048, backward 1024), or, for short rows (L <= 512,
+// the late stages of the models: L = 196, 49), 32 or 64 with 8 items: one chunk of at
+// least L positions and fewer idle threads (threads_for below).
 // The recurrence h_t = a_t h_{t-1} + b_t is a scan over pairs with the
 // associative operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2); the state at
 // the end of a chunk is carried into the next one. The backward first recomputes
@@ -17,7 +20,8 @@
 // in the deterministic mode, stores every row's terms in the partials buffers and
 // sums them in a fixed order with reduce_channels_kernel / reduce_batch_kernel.
 //
-// Template instantiations: {float, half, bfloat16} x {N == 1, N <= 16} x {fwd, bwd}.
+// Template instantiations: {float, half, bfloat16} x {N == 1, N <= 16} x {32, 64, 128 threads}
+// x {fwd, bwd}.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -32,11 +36,17 @@
 namespace quadmamba {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
-constexpr int kFwdItems = 16;  // forward chunk: 2048 positions
-constexpr int kBwdItems = 8;   // backward chunk: 1024 positions (more live arrays per thread)
-constexpr int kBwdChunk = kThreads * kBwdItems;
+constexpr int kMaxThreads = 128;
+constexpr int kBwdItems = 8;  // backward: more live arrays per thread than the forward
+constexpr int kBwdChunk = kMaxThreads * kBwdItems;  // 1024: the workspace's chunk (any L)
+// Forward items per thread: 16 with 128 threads (chunk 2048), else 8.
+template <int kThreads>
+constexpr int fwd_items() { return kThreads == kMaxThreads ? 16 : 8; }
+
+// Threads per block for rows of L positions: 32 or 64 when their chunk of 8 items per
+// thread covers the row (then one chunk, as with 128 threads, so the workspace layout
+// does not change), else 128.
+int threads_for(int64_t L) { return L <= 32 * kBwdItems ? 32 : L <= 64 * kBwdItems ? 64 : kMaxThreads; }
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -122,7 +132,7 @@ __device__ __forceinline__ float2 shfl_down2(float2 v, int off) {
 // !kReverse, decreasing position when kReverse. On return b[i] holds the state after
 // item i; the result is the state after the whole chunk (identical in every thread).
 // Every thread of the block must call it (it synchronises); `warp_tot` is shared memory.
-template <bool kReverse, int kItems>
+template <bool kReverse, int kThreads, int kItems>
 __device__ __forceinline__ float block_scan(const float (&a)[kItems], float (&b)[kItems], float s0,
                                             float2* warp_tot) {
   float2 agg = make_float2(1.f, 0.f);
@@ -144,6 +154,7 @@ __device__ __forceinline__ float block_scan(const float (&a)[kItems], float (&b)
   if (lane == (kReverse ? 31 : 0)) excl = make_float2(1.f, 0.f);
   if (lane == (kReverse ? 0 : 31)) warp_tot[warp] = agg;
   __syncthreads();
+  constexpr int kWarps = kThreads / 32;
   float s = s0, total = s0;
 #pragma unroll
   for (int j = 0; j < kWarps; ++j) {
@@ -163,8 +174,10 @@ __device__ __forceinline__ float block_scan(const float (&a)[kItems], float (&b)
   return total;
 }
 
-// Sum of v over the block, fixed order (every thread gets it). `red` is shared, kWarps floats.
+// Sum of v over the block, fixed order (every thread gets it). `red` is shared, one float per warp.
+template <int kThreads>
 __device__ __forceinline__ float block_sum(float v, float* red) {
+  constexpr int kWarps = kThreads / 32;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
@@ -209,11 +222,11 @@ struct BwdIO {
 };
 
 // Forward: one block per row (b, d). kN = 1 specialises N == 1, kN = 0 takes p.dstate.
-template <typename T, int kN>
+template <typename T, int kN, int kThreads>
 __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(ScanArgs p, FwdOut out) {
-  constexpr int kItems = kFwdItems;
+  constexpr int kItems = fwd_items<kThreads>();
   constexpr int kChunk = kThreads * kItems;
-  __shared__ float2 warp_tot[kWarps];
+  __shared__ float2 warp_tot[kThreads / 32];
   const int64_t row = blockIdx.x;  // b * KD + d
   const int64_t d = row % p.channels;
   const int64_t b = row / p.channels;
@@ -252,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(ScanArgs p, FwdOut o
         a[i] = t0 + i < L ? expf(dl[i] * An) : 1.f;  // a_t (identity past the end)
         h[i] = dl[i] * uv[i] * h[i];                 // dl_t u_t B_t
       }
-      state[n] = block_scan<false>(a, h, state[n], warp_tot);  // h[i] = h_t
+      state[n] = block_scan<false, kThreads>(a, h, state[n], warp_tot);  // h[i] = h_t
 #pragma unroll
       for (int i = 0; i < kItems; ++i) yv[i] += cv[i] * h[i];  // y_t += C_t h_t
     }
@@ -261,13 +274,13 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(ScanArgs p, FwdOut o
 }
 
 // Backward: one block per row (b, d); see the file comment.
-template <typename T, int kN>
+template <typename T, int kN, int kThreads>
 __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io) {
   constexpr int kItems = kBwdItems;
-  constexpr int kChunk = kBwdChunk;
+  constexpr int kChunk = kThreads * kItems;
   constexpr int kStates = kN ? kN : kSelectiveScanMaxN;
-  __shared__ float2 warp_tot[kWarps];
-  __shared__ float red[kWarps];
+  __shared__ float2 warp_tot[kThreads / 32];
+  __shared__ float red[kThreads / 32];
   __shared__ float sh_h[kThreads + 1];  // sh_h[i + 1]: last h of thread i; sh_h[0]: chunk-start state
   __shared__ float sh_a[kThreads + 1];  // sh_a[i]: first a of thread i; sh_a[kThreads]: next chunk's
   const int64_t row = blockIdx.x;
@@ -287,7 +300,9 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
   const T* Ck = static_cast<const T*>(p.C) + bk;
   float* dBk = io.dB + bk;
   float* dCk = io.dC + bk;
-  float* states = io.states + row * chunks * N;  // states[c * N + n] = h before chunk c
+  // states[c * N + n] = h before chunk c; rows of the workspace hold ceil(L / kBwdChunk)
+  // chunks, which equals `chunks` (threads_for uses fewer threads only where both are 1).
+  float* states = io.states + row * ((L + kBwdChunk - 1) / kBwdChunk) * N;
   const float Dv = p.Dskip ? p.Dskip[d] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
   const int tid = threadIdx.x;
@@ -318,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
           a[i] = expf(dl[i] * An);
           h[i] = dl[i] * uv[i] * h[i];
         }
-        s[n] = block_scan<false>(a, h, s[n], warp_tot);
+        s[n] = block_scan<false, kThreads>(a, h, s[n], warp_tot);
       }
     }
   }
@@ -359,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
         a[i] = t0 + i < L ? expf(dl[i] * An) : 1.f;
         h[i] = dl[i] * uv[i] * bv[i];
       }
-      block_scan<false>(a, h, s0, warp_tot);  // h[i] = h_t
+      block_scan<false, kThreads>(a, h, s0, warp_tot);  // h[i] = h_t
       // Neighbours: h_{t-1} of the first item, a_{t+1} of the last item.
       sh_h[tid + 1] = h[kItems - 1];
       sh_a[tid] = a[0];
@@ -378,7 +393,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
         an[i] = i + 1 < kItems ? a[i + 1] : anext_last;  // a_{t+1}
         q[i] = cv[i] * g[i];                              // C_t g_t
       }
-      q_carry[n] = block_scan<true>(an, q, q_carry[n], warp_tot);  // q[i] = q_t
+      q_carry[n] = block_scan<true, kThreads>(an, q, q_carry[n], warp_tot);  // q[i] = q_t
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const float hprev = i > 0 ? h[i - 1] : hprev_first;  // h_{t-1}
@@ -410,15 +425,15 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
 
   float* rp = io.row_partials ? io.row_partials + row * (N + 2) : nullptr;
   for (int n = 0; n < N; ++n) {
-    const float total = block_sum(dA_acc[n], red);
+    const float total = block_sum<kThreads>(dA_acc[n], red);
     if (tid == 0) rp ? void(rp[n] = total) : void(atomicAdd(io.dA + d * N + n, total));
   }
   if (io.dDskip) {
-    const float total = block_sum(dD_acc, red);
+    const float total = block_sum<kThreads>(dD_acc, red);
     if (tid == 0) rp ? void(rp[N] = total) : void(atomicAdd(io.dDskip + d, total));
   }
   if (io.dbias) {
-    const float total = block_sum(db_acc, red);
+    const float total = block_sum<kThreads>(db_acc, red);
     if (tid == 0) rp ? void(rp[N + 1] = total) : void(atomicAdd(io.dbias + d, total));
   }
 }
@@ -509,25 +524,37 @@ ScanArgs make_args(const SelectiveScanParams& p, const TensorView& u, const Tens
   return a;
 }
 
+template <typename T, int kN>
+void launch_fwd_n(int threads, dim3 grid, cudaStream_t stream, const ScanArgs& a, FwdOut out) {
+  if (threads == 32) scan_fwd_kernel<T, kN, 32><<<grid, 32, 0, stream>>>(a, out);
+  else if (threads == 64) scan_fwd_kernel<T, kN, 64><<<grid, 64, 0, stream>>>(a, out);
+  else scan_fwd_kernel<T, kN, kMaxThreads><<<grid, kMaxThreads, 0, stream>>>(a, out);
+}
+
 template <typename T>
 void launch_fwd(const SelectiveScanParams& p, const ScanArgs& a, FwdOut out) {
   const dim3 grid(static_cast<unsigned>(p.batch * p.channels));
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  if (p.dstate == 1)
-    scan_fwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a, out);
-  else
-    scan_fwd_kernel<T, 0><<<grid, kThreads, 0, stream>>>(a, out);
+  const int threads = threads_for(p.length);
+  if (p.dstate == 1) launch_fwd_n<T, 1>(threads, grid, stream, a, out);
+  else launch_fwd_n<T, 0>(threads, grid, stream, a, out);
   QM_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T, int kN>
+void launch_bwd_n(int threads, dim3 grid, cudaStream_t stream, const ScanArgs& a, const BwdIO& io) {
+  if (threads == 32) scan_bwd_kernel<T, kN, 32><<<grid, 32, 0, stream>>>(a, io);
+  else if (threads == 64) scan_bwd_kernel<T, kN, 64><<<grid, 64, 0, stream>>>(a, io);
+  else scan_bwd_kernel<T, kN, kMaxThreads><<<grid, kMaxThreads, 0, stream>>>(a, io);
 }
 
 template <typename T>
 void launch_bwd(const SelectiveScanParams& p, const ScanArgs& a, BwdIO io) {
   const dim3 grid(static_cast<unsigned>(p.batch * p.channels));
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  if (p.dstate == 1)
-    scan_bwd_kernel<T, 1><<<grid, kThreads, 0, stream>>>(a, io);
-  else
-    scan_bwd_kernel<T, 0><<<grid, kThreads, 0, stream>>>(a, io);
+  const int threads = threads_for(p.length);
+  if (p.dstate == 1) launch_bwd_n<T, 1>(threads, grid, stream, a, io);
+  else launch_bwd_n<T, 0>(threads, grid, stream, a, io);
   QM_CUDA_CHECK_LAUNCH();
   if (io.partials) {
     constexpr int kReduceThreads = 256;

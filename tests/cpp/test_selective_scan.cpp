@@ -346,7 +346,12 @@ Problem rounded(Problem p) {
 TEST(SelectiveScanCuda, MatchesCpu) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::vector<Shape> shapes = kShapes;
-  // Chunk boundaries of the CUDA kernels (1024 backward, 2048 forward) and a longer sequence.
+  // Block sizes of the CUDA kernels (32 threads for L <= 256, 64 for L <= 512, else 128),
+  // their chunk boundaries (1024 backward, 2048 forward) and longer sequences.
+  shapes.push_back({2, 2, 3, 1, 256, true, true, true});
+  shapes.push_back({1, 2, 2, 2, 257, true, false, true});
+  shapes.push_back({1, 1, 3, 1, 512, false, true, true});
+  shapes.push_back({2, 1, 2, 1, 513, true, true, false});
   shapes.push_back({1, 2, 3, 1, 1025, true, true, true});
   shapes.push_back({2, 1, 2, 4, 2049, true, true, true});
   shapes.push_back({1, 2, 2, 1, 5000, true, true, true});
@@ -363,6 +368,7 @@ TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::vector<Shape> shapes = kShapes;
   shapes.push_back({3, 2, 8, 1, 1500, true, true, true});
+  shapes.push_back({2, 2, 4, 2, 300, true, true, true});
   uint32_t seed = 900;
   for (const Shape& s : shapes) {
     const Problem p = make_problem(s, seed++);
