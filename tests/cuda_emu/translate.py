@@ -18,15 +18,15 @@ LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>", re.S)
 
 
 def translate(text: str, name: str) -> str:
-    body, count = LAUNCH.subn(lambda m: f"::qm_emu::launcher({m[1]}, {m[2]})", text)
+    body = LAUNCH.sub(lambda m: f"::qm_emu::launcher({m[1]}, {m[2]})", text)
     if "<<<" in body:
         raise SystemExit(f"{name}: a kernel launch was not recognised")
-    return f'#line 1 "{name}"\n{body}', count
+    return f'#line 1 "{name}"\n{body}'
 
 
 def main() -> None:
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    text, _ = translate(src.read_text(), str(src.resolve()))
+    text = translate(src.read_text(), str(src.resolve()))
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(text)
 
