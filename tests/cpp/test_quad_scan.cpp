@@ -194,14 +194,17 @@ void expect_close(const std::vector<T>& a, const std::vector<T>& b, double tol, 
 }
 
 template <typename T>
-void check_cuda_against_cpu(const Case& k) {
+void check_cuda_against_cpu(const Case& k, bool soft = false) {
   const int64_t B = k.B, D = k.D, H = k.H, W = k.W, L = H * W;
   const QuadGeometry g =
       make_quad_geometry(H, W, k.sy, k.sx, k.official ? QuadOrder::Official : QuadOrder::Quadtree);
   const DType dt = dtype_of<T>();
   auto x = randn<T>(B * D * L, 5), ys = randn<T>(B * 2 * D * L, 6);
   std::vector<T> dec(B * 4, T(0));
-  for (int64_t b = 0; b < B; ++b) dec[b * 4 + (b + 2) % 4] = T(1);
+  // One-hot (the forward of the models), or soft values (blended by the formula).
+  const T soft_values[4] = {T(0.3), T(0.7), T(0), T(1)};
+  for (int64_t b = 0; b < B; ++b)
+    for (int q = 0; q < 4; ++q) dec[b * 4 + q] = soft ? soft_values[(q + b) % 4] : T(q == (b + 2) % 4);
   std::vector<T> nan_seq(B * 2 * D * L, T(NAN)), nan_raster(B * D * L, T(NAN)), nan_dec(B * 4, T(NAN)),
       nan_ws(B * D * 4, T(NAN));
   // CPU results.
@@ -343,6 +346,10 @@ TEST(QuadScanCuda, MatchesCpu) {
   for (const Case& k : kCudaCases) {
     check_cuda_against_cpu<float>(k);
     check_cuda_against_cpu<double>(k);
+  }
+  for (const Case& k : {kCases[1], kCases[2], kCudaCases[0]}) {
+    check_cuda_against_cpu<float>(k, true);
+    check_cuda_against_cpu<double>(k, true);
   }
 #else
   GTEST_SKIP() << "built without CUDA kernels";
