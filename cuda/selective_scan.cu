@@ -20,8 +20,10 @@
 // in the deterministic mode, stores every row's terms in the partials buffers and
 // sums them in a fixed order with reduce_channels_kernel / reduce_batch_kernel.
 //
-// Template instantiations: {float, half, bfloat16} x {N == 1, N <= 16} x {32, 64, 128 threads}
-// x {fwd, bwd}.
+// y is written in u's dtype, or in float32 for float16 / bfloat16 inputs when the caller
+// passes a float32 y. Template instantiations: {N == 1, N <= 16} x {32, 64, 128 threads} x
+// (forward: {float, half, bfloat16} inputs x {their dtype, float} outputs, 5 pairs;
+// backward: {float, half, bfloat16}).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -222,7 +224,8 @@ struct BwdIO {
 };
 
 // Forward: one block per row (b, d). kN = 1 specialises N == 1, kN = 0 takes p.dstate.
-template <typename T, int kN, int kThreads>
+// y is written as TOut: T, or float for float16 / bfloat16 inputs.
+template <typename T, typename TOut, int kN, int kThreads>
 __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(ScanArgs p, FwdOut out) {
   constexpr int kItems = fwd_items<kThreads>();
   constexpr int kChunk = kThreads * kItems;
@@ -237,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(ScanArgs p, FwdOut o
   const T* delta = static_cast<const T*>(p.delta) + row * L;
   const T* Bk = static_cast<const T*>(p.B) + (b * p.groups + k) * N * L;  // Bk[n * L + t]
   const T* Ck = static_cast<const T*>(p.C) + (b * p.groups + k) * N * L;
-  T* y = static_cast<T*>(out.y) + row * L;
+  TOut* y = static_cast<TOut*>(out.y) + row * L;
   const float Dv = p.Dskip ? p.Dskip[d] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
 
@@ -524,20 +527,20 @@ ScanArgs make_args(const SelectiveScanParams& p, const TensorView& u, const Tens
   return a;
 }
 
-template <typename T, int kN>
+template <typename T, typename TOut, int kN>
 void launch_fwd_n(int threads, dim3 grid, cudaStream_t stream, const ScanArgs& a, FwdOut out) {
-  if (threads == 32) scan_fwd_kernel<T, kN, 32><<<grid, 32, 0, stream>>>(a, out);
-  else if (threads == 64) scan_fwd_kernel<T, kN, 64><<<grid, 64, 0, stream>>>(a, out);
-  else scan_fwd_kernel<T, kN, kMaxThreads><<<grid, kMaxThreads, 0, stream>>>(a, out);
+  if (threads == 32) scan_fwd_kernel<T, TOut, kN, 32><<<grid, 32, 0, stream>>>(a, out);
+  else if (threads == 64) scan_fwd_kernel<T, TOut, kN, 64><<<grid, 64, 0, stream>>>(a, out);
+  else scan_fwd_kernel<T, TOut, kN, kMaxThreads><<<grid, kMaxThreads, 0, stream>>>(a, out);
 }
 
-template <typename T>
+template <typename T, typename TOut>
 void launch_fwd(const SelectiveScanParams& p, const ScanArgs& a, FwdOut out) {
   const dim3 grid(static_cast<unsigned>(p.batch * p.channels));
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const int threads = threads_for(p.length);
-  if (p.dstate == 1) launch_fwd_n<T, 1>(threads, grid, stream, a, out);
-  else launch_fwd_n<T, 0>(threads, grid, stream, a, out);
+  if (p.dstate == 1) launch_fwd_n<T, TOut, 1>(threads, grid, stream, a, out);
+  else launch_fwd_n<T, TOut, 0>(threads, grid, stream, a, out);
   QM_CUDA_CHECK_LAUNCH();
 }
 
@@ -585,15 +588,20 @@ void selective_scan_fwd_cuda(const SelectiveScanParams& p, const TensorView& u,
                              const TensorView& C, const TensorView& Dskip,
                              const TensorView& delta_bias, const TensorView& y) {
   ScanArgs a = make_args(p, u, delta, A, B, C, Dskip, delta_bias);
-  check_view(y, "y", 3, u.dtype, u.device);
+  const bool y_float = y.dtype == DType::Float32 && u.dtype != DType::Float32;
+  check_view(y, "y", 3, y_float ? DType::Float32 : u.dtype, u.device);
   check_shape(y, "y", {p.batch, p.channels, p.length});
-  a.vec = a.vec && aligned16(y.data);
+  a.vec = a.vec && aligned16(y.data);  // (L is a multiple of u's 16-byte vector, so of y's)
   const FwdOut out{y.data};
   DeviceGuard guard(u.device.index);
   switch (u.dtype) {
-    case DType::Float32: launch_fwd<float>(p, a, out); break;
-    case DType::Float16: launch_fwd<__half>(p, a, out); break;
-    case DType::BFloat16: launch_fwd<__nv_bfloat16>(p, a, out); break;
+    case DType::Float32: launch_fwd<float, float>(p, a, out); break;
+    case DType::Float16:
+      y_float ? launch_fwd<__half, float>(p, a, out) : launch_fwd<__half, __half>(p, a, out);
+      break;
+    case DType::BFloat16:
+      y_float ? launch_fwd<__nv_bfloat16, float>(p, a, out) : launch_fwd<__nv_bfloat16, __nv_bfloat16>(p, a, out);
+      break;
     default: QM_CHECK(false, "unreachable dtype");
   }
 }

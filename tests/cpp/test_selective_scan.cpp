@@ -299,9 +299,10 @@ struct DeviceBuffer {
   }
 };
 
-// The CUDA kernels with u, delta, B, C, dy (and y, du, ddelta) in T; A, D, delta_bias and
-// their gradients in float32. Outputs are NaN-poisoned (every entry must be written).
-template <typename T>
+// The CUDA kernels with u, delta, B, C, dy (and du, ddelta) in T, y in TY (T, or float32);
+// A, D, delta_bias and their gradients in float32. Outputs are NaN-poisoned (every entry
+// must be written).
+template <typename T, typename TY = T>
 Grads run_cuda(const Problem& p, bool deterministic = false) {
   const Shape& s = p.s;
   const int64_t KD = s.channels(), L = s.length, N = s.dstate, Bn = s.batch, K = s.groups;
@@ -311,7 +312,8 @@ Grads run_cuda(const Problem& p, bool deterministic = false) {
   DeviceBuffer<float> A(p.A), D(p.D), bias(p.bias);
   const std::vector<double> nan_rows(rows, nan), zero_bc(p.B.size(), 0.0), zero_a(p.A.size(), 0.0),
       zero_kd(KD, 0.0);
-  DeviceBuffer<T> y(nan_rows), du(nan_rows), ddelta(nan_rows);
+  DeviceBuffer<TY> y(nan_rows);
+  DeviceBuffer<T> du(nan_rows), ddelta(nan_rows);
   DeviceBuffer<float> dA(zero_a), dB(zero_bc), dC(zero_bc), dD(zero_kd), dbias(zero_kd);
   const int64_t chunks = (L + selective_scan_chunk_cuda() - 1) / selective_scan_chunk_cuda();
   DeviceBuffer<float> ws(std::vector<double>(Bn * KD * chunks * N, 0.0));
@@ -405,6 +407,8 @@ void check_half_inputs(double rtol) {
     expect_close(got.dC, want.dC, "dC " + where, 1e-4, 1e-5);
     expect_close(got.dD, want.dD, "dD " + where, 1e-4, 1e-5);
     expect_close(got.dbias, want.dbias, "dbias " + where, 1e-4, 1e-5);
+    // y in float32 (not rounded to T): float32 accuracy.
+    expect_close(run_cuda<T, float>(p).y, want.y, "float32 y " + where, 1e-4, 1e-5);
   }
 }
 

@@ -170,10 +170,14 @@ def test_gradcheck_float64(softplus):
 def test_opcheck():
     _seed()
     inputs = make_inputs(2, 2, 3, 2, 7, "both", True, dtype=torch.float32)
-    args = [t.requires_grad_() for t in inputs] + [True]
+    args = [t.requires_grad_() for t in inputs] + [True, False]
     torch.library.opcheck(torch.ops.quadmamba.selective_scan.default, args)
     no_params = make_inputs(1, 1, 2, 1, 4, "none", False, dtype=torch.float32)
-    torch.library.opcheck(torch.ops.quadmamba.selective_scan.default, no_params + [False])
+    torch.library.opcheck(torch.ops.quadmamba.selective_scan.default, no_params + [False, False])
+    # bfloat16 inputs, float32 output.
+    half = [t.to(torch.bfloat16) if i in (0, 1, 3, 4) else t for i, t in enumerate(inputs)]
+    torch.library.opcheck(torch.ops.quadmamba.selective_scan.default,
+                          [t.detach().requires_grad_() for t in half] + [True, True])
 
 
 def test_torch_compile_fullgraph_forward_backward():
@@ -263,6 +267,43 @@ def test_half_inputs_on_cpu(dtype):
         scale = t.abs().max().item()
         err, err_ref = _max_err(a, t), _max_err(r, t)
         assert err <= 2 * err_ref + 1e-5 * scale, f"{name}: error {err:.3e} vs reference's {err_ref:.3e} (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_output_of_half_inputs(device, dtype):
+    """out_dtype=torch.float32: y unrounded (float32 accuracy on the values the kernel sees),
+    the same gradients as the rounded output gets, and the reference agrees."""
+    seed = _seed()
+    inputs = make_inputs(2, 2, 3, 1, 300, "both", True)
+    seen = [t.to(dtype) if i in (0, 1, 3, 4) else t.float() for i, t in enumerate(inputs)]
+    grad_out = torch.randn(2, 6, 300, dtype=torch.float64)
+    y64, g64 = _grads(selective_scan_chunked_ref, [t.double() for t in seen], grad_out.double())
+    on_device = [t.to(device) for t in seen]
+    y, grads = _grads(lambda *x: selective_scan(*x, out_dtype=torch.float32), on_device,
+                      grad_out.float().to(device))
+    assert y.dtype == torch.float32
+    extra = f"(seed {seed}, {device}, {dtype})"
+    assert_close(y, y64, "y", rtol=1e-4, atol_scale=1e-5, extra=extra)
+    y_half, g_half = _grads(selective_scan, on_device, grad_out.to(dtype).to(device))
+    for name, g, gh, gt in zip(NAMES, grads, g_half, g64):
+        assert g.dtype == gh.dtype, name
+        scale = gt.abs().max().item()
+        # dy reaches the kernel in u's dtype either way: the gradients differ by that rounding only.
+        assert _max_err(g, gt) <= 2 * _max_err(gh, gt) + 1e-5 * scale, f"d{name} {extra}"
+    y_ref = selective_scan_ref(*on_device, out_dtype=torch.float32)
+    assert y_ref.dtype == torch.float32
+    assert_close(y_ref, y64, "reference y", rtol=1e-4, atol_scale=1e-5, extra=extra)
+    if device.type == "cpu":  # the CPU runs float32 on the upcast values: identical
+        assert torch.equal(y, selective_scan(*[t.float() for t in seen]))
+
+
+def test_out_dtype_must_be_inputs_or_float32():
+    inputs = make_inputs(1, 1, 2, 1, 4, "both", True, dtype=torch.float32)
+    assert selective_scan(*inputs, out_dtype=torch.float32).dtype == torch.float32
+    assert selective_scan(*[t.double() for t in inputs], out_dtype=torch.float32).dtype == torch.float32
+    for fn in (selective_scan, selective_scan_ref):
+        with pytest.raises(TypeError, match="out_dtype must be None, u's dtype"):
+            fn(*inputs, out_dtype=torch.float16)
 
 
 def test_autocast_leaves_dtype_alone():

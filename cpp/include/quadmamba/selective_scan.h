@@ -30,7 +30,8 @@
 //   A                 (KD, N)       float32 (float64 when u is float64)
 //   B, C              (B, K, N, L)  dtype of u
 //   Dskip, delta_bias (KD,)         dtype of A, optional (data == nullptr: absent)
-//   y                 (B, KD, L)    dtype of u, output, fully overwritten
+//   y                 (B, KD, L)    dtype of u (CUDA, float16 / bfloat16 u: or float32), output,
+//                                   fully overwritten
 //   dy                (B, KD, L)    dtype of u
 //   du, ddelta        (B, KD, L)    dtype of u, outputs, fully overwritten
 //   dA                (KD, N)       CPU: dtype of A, overwritten.

@@ -26,6 +26,7 @@ def selective_scan_ref(
     D: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Selective scan, one step at a time.
 
@@ -40,10 +41,14 @@ def selective_scan_ref(
         B, C: (B, K, N, L), shared by the K*D/K channels of their group.
         D, delta_bias: (K*D,) or None.
         delta_softplus: apply softplus to delta + delta_bias.
+        out_dtype: y's dtype: None (u's dtype), u's dtype or torch.float32.
 
     Returns:
-        y (B, K*D, L) in u's dtype; computed in float32 (float64 for float64 inputs).
+        y (B, K*D, L) in u's dtype (or out_dtype); computed in float32 (float64 for float64 inputs).
     """
+    if out_dtype is not None and out_dtype not in (u.dtype, torch.float32):
+        raise TypeError(f"selective_scan_ref: out_dtype must be None, u's dtype ({u.dtype}) or torch.float32, "
+                        f"got {out_dtype}")
     dtype_out = u.dtype
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
@@ -68,7 +73,7 @@ def selective_scan_ref(
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D.to(compute)[:, None]
-    return y.to(dtype_out)
+    return y.to(out_dtype or dtype_out)
 
 
 def _segsum_exp(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ so ``torch.compile(fullgraph=True)``, ``torch.library.opcheck`` and
 
 Precision: the scan always runs in float32 (float64 for float64 inputs). On the CPU,
 float16/bfloat16 inputs are upcast to float32 first; on CUDA the kernels read them
-directly. The output has the dtype of ``u``; each gradient has the dtype of its input.
+directly. The output has the dtype of ``u`` (or float32 with ``out_dtype=torch.float32``:
+y before its rounding to a 16-bit ``u``); each gradient has the dtype of its input.
 Autocast does not touch the op: it takes the dtypes it is given.
 
 Determinism: the CPU backward always reduces in a fixed order. The CUDA backward uses
@@ -97,6 +98,7 @@ def selective_scan(
     D: Optional[torch.Tensor] = None,
     delta_bias: Optional[torch.Tensor] = None,
     delta_softplus: bool = True,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Selective scan y = S6(u, delta, A, B, C, D, delta_bias); differentiable in every tensor.
 
@@ -111,13 +113,24 @@ def selective_scan(
         B, C: (B, K, N, L), u's dtype; K divides KD.
         D, delta_bias: (KD,) float32 or float64, or None.
         delta_softplus: apply softplus to delta + delta_bias.
+        out_dtype: y's dtype: None or u's dtype, or torch.float32 (for float16 / bfloat16 u:
+            the float32 result unrounded; for float64 u: rounded to float32).
 
     Returns:
-        y: (B, KD, L) in u's dtype.
+        y: (B, KD, L) in u's dtype, or out_dtype.
     """
     _validate(u, delta, A, B, C, D, delta_bias)
+    out_float32 = _out_float32(u, out_dtype)
     contiguous = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
-    return torch.ops.quadmamba.selective_scan(*contiguous, bool(delta_softplus))
+    return torch.ops.quadmamba.selective_scan(*contiguous, bool(delta_softplus), out_float32)
+
+
+def _out_float32(u: torch.Tensor, out_dtype) -> bool:
+    """Whether y is float32 where u is not (out_dtype=torch.float32); checks out_dtype."""
+    if out_dtype is not None and out_dtype not in (u.dtype, torch.float32):
+        raise TypeError(f"selective_scan: out_dtype must be None, u's dtype ({u.dtype}) or torch.float32, "
+                        f"got {out_dtype}")
+    return out_dtype == torch.float32 and u.dtype != torch.float32
 
 
 def _compute_dtype(u: torch.Tensor) -> torch.dtype:
@@ -138,12 +151,15 @@ def _selective_scan_op(
     D: Optional[torch.Tensor],
     delta_bias: Optional[torch.Tensor],
     delta_softplus: bool,
+    out_float32: bool,
 ) -> torch.Tensor:
     core = _backend.core()
+    out_dtype = torch.float32 if out_float32 else u.dtype
     if u.device.type == "cuda":
-        # The kernel reads u, delta, B, C in their own dtype; A, D, delta_bias in float32.
+        # The kernel reads u, delta, B, C in their own dtype; A, D, delta_bias in float32;
+        # it writes y in u's dtype or float32.
         params = [_cast(t, torch.float32) for t in (A, D, delta_bias)]
-        y = torch.empty_like(u)
+        y = torch.empty_like(u, dtype=out_dtype)
         core.selective_scan_fwd(
             _backend.view(u), _backend.view(delta), _backend.view(params[0]), _backend.view(B),
             _backend.view(C), _backend.view(params[1]), _backend.view(params[2]), delta_softplus,
@@ -157,12 +173,12 @@ def _selective_scan_op(
         _backend.view(uc), _backend.view(dc), _backend.view(Ac), _backend.view(Bc), _backend.view(Cc),
         _backend.view(Dc), _backend.view(bc), delta_softplus, _backend.view(y), 0,
     )
-    return y.to(u.dtype)
+    return y.to(out_dtype)
 
 
 @_selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
-    return torch.empty_like(u)
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32):
+    return torch.empty_like(u, dtype=torch.float32 if out_float32 else u.dtype)
 
 
 @torch.library.custom_op("quadmamba::selective_scan_bwd", mutates_args=())
@@ -244,7 +260,7 @@ def _(dy, u, delta, A, B, C, D, delta_bias, delta_softplus):
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, delta_bias, delta_softplus = inputs
+    u, delta, A, B, C, D, delta_bias, delta_softplus, _ = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
     ctx.delta_softplus = delta_softplus
     ctx.has_D = D is not None
@@ -256,7 +272,7 @@ def _backward(ctx, dy):
     du, ddelta, dA, dB, dC, dD, dbias = torch.ops.quadmamba.selective_scan_bwd(
         dy.contiguous(), u, delta, A, B, C, D, delta_bias, ctx.delta_softplus
     )
-    return du, ddelta, dA, dB, dC, (dD if ctx.has_D else None), (dbias if ctx.has_bias else None), None
+    return du, ddelta, dA, dB, dC, (dD if ctx.has_D else None), (dbias if ctx.has_bias else None), None, None
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
