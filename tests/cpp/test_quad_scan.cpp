@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "quadmamba/cross_scan.h"
@@ -139,28 +140,36 @@ TEST(QuadScanCpu, MatchesNaiveLoopsDouble) {
   for (const Case& k : kCases) check_against_naive<double>(k);
 }
 
-TEST(CrossScanCpu, MatchesNaiveLoops) {
-  const int64_t B = 2, D = 3, H = 5, W = 7, L = H * W;
-  auto x = randn<double>(B * D * L, 3), ys = randn<double>(B * 4 * D * L, 4);
-  std::vector<double> out(B * 4 * D * L, NAN), y(B * D * L, NAN);
-  cross_scan_fwd_cpu(TensorView(x.data(), DType::Float64, {B, D, H, W}),
-                     TensorView(out.data(), DType::Float64, {B, 4, D, L}));
-  cross_merge_fwd_cpu(TensorView(ys.data(), DType::Float64, {B, 4, D, L}),
-                      TensorView(y.data(), DType::Float64, {B, D, H, W}));
+template <typename T>
+void check_cross_against_naive(int64_t H, int64_t W) {
+  const int64_t B = 2, D = 3, L = H * W;
+  const DType dt = dtype_of<T>();
+  auto x = randn<T>(B * D * L, 3), ys = randn<T>(B * 4 * D * L, 4);
+  std::vector<T> out(B * 4 * D * L, NAN), y(B * D * L, NAN);
+  cross_scan_fwd_cpu(TensorView(x.data(), dt, {B, D, H, W}), TensorView(out.data(), dt, {B, 4, D, L}));
+  cross_merge_fwd_cpu(TensorView(ys.data(), dt, {B, 4, D, L}), TensorView(y.data(), dt, {B, D, H, W}));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t d = 0; d < D; ++d)
       for (int64_t r = 0; r < H; ++r)
         for (int64_t c = 0; c < W; ++c) {
           const int64_t t = r * W + c, s = c * H + r;
-          const double v = x[(b * D + d) * L + t];
-          auto at = [&](const std::vector<double>& a, int k, int64_t p) { return a[((b * 4 + k) * D + d) * L + p]; };
+          const T v = x[(b * D + d) * L + t];
+          auto at = [&](const std::vector<T>& a, int k, int64_t p) { return a[((b * 4 + k) * D + d) * L + p]; };
           ASSERT_EQ(at(out, 0, t), v);
-          ASSERT_EQ(at(out, 1, s), v);
+          ASSERT_EQ(at(out, 1, s), v) << H << "x" << W;
           ASSERT_EQ(at(out, 2, L - 1 - t), v);
-          ASSERT_EQ(at(out, 3, L - 1 - s), v);
-          const double want = at(ys, 0, t) + at(ys, 1, s) + at(ys, 2, L - 1 - t) + at(ys, 3, L - 1 - s);
-          ASSERT_NEAR(y[(b * D + d) * L + t], want, 1e-12);
+          ASSERT_EQ(at(out, 3, L - 1 - s), v) << H << "x" << W;
+          // The order of the additions is part of the contract: (ys0 + rev ys2) + (ys1 + rev ys3).
+          const T want = (at(ys, 0, t) + at(ys, 2, L - 1 - t)) + (at(ys, 1, s) + at(ys, 3, L - 1 - s));
+          ASSERT_EQ(y[(b * D + d) * L + t], want) << H << "x" << W;
         }
+}
+
+TEST(CrossScanCpu, MatchesNaiveLoops) {
+  for (auto [H, W] : {std::pair<int64_t, int64_t>{5, 7}, {8, 12}, {13, 9}, {1, 6}, {7, 1}, {16, 16}}) {
+    check_cross_against_naive<float>(H, W);
+    check_cross_against_naive<double>(H, W);
+  }
 }
 
 #if defined(QUADMAMBA_WITH_CUDA)

@@ -32,10 +32,11 @@ def test_golden_directions(fn):
         assert out[0, k, 0].long().tolist() == GOLDEN_3x4[k], f"direction {k}: {out[0, k, 0].tolist()}"
 
 
-@settings(max_examples=25, deadline=None)
-@given(height=st.integers(1, 40), width=st.integers(1, 40), channels=st.integers(1, 3))
-def test_merge_of_scan_is_four_x(height, width, channels):
-    x = torch.randn(2, channels, height, width, dtype=torch.float64)
+@settings(max_examples=50, deadline=None)
+@given(height=st.integers(1, 40), width=st.integers(1, 40), channels=st.integers(1, 3),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_merge_of_scan_is_four_x(height, width, channels, dtype):
+    x = torch.randn(2, channels, height, width, dtype=dtype)
     out = cross_scan(x)
     assert torch.equal(out, cross_scan_ref(x))
     assert torch.equal(cross_merge(out, (height, width)), 4 * x)
