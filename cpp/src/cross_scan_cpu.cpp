@@ -8,6 +8,7 @@
 
 #include "quadmamba/cross_scan.h"
 #include "quadmamba/parallel.h"
+#include "vector_ext.h"
 
 namespace quadmamba {
 
@@ -27,11 +28,6 @@ namespace {
 // float32 moves in 4-lane vectors (SSE2 / NEON width; GCC / Clang vector extensions).
 typedef float f4 __attribute__((vector_size(16)));
 typedef int32_t i4 __attribute__((vector_size(16)));
-#if defined(__clang__)
-#define QM_SHUF4(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define QM_SHUF4(a, b, ...) __builtin_shuffle(a, b, i4{__VA_ARGS__})
-#endif
 
 inline f4 load4(const float* p) {
   f4 v;
@@ -39,7 +35,7 @@ inline f4 load4(const float* p) {
   return v;
 }
 inline void store4(float* p, f4 v) { std::memcpy(p, &v, sizeof(v)); }
-inline f4 reversed4(f4 v) { return QM_SHUF4(v, v, 3, 2, 1, 0); }
+inline f4 reversed4(f4 v) { return QM_SHUFFLE(i4, v, v, 3, 2, 1, 0); }
 
 // out[x*R + y] (+)= in[y*C + x] for y < R, x < C: an R x C row-major matrix transposed (and
 // added to out when kAdd), in 4 x 4 blocks of registers for float32.
@@ -54,12 +50,9 @@ void transpose(const T* in, T* out, int64_t R, int64_t C) {
     for (; y0 + 4 <= R; y0 += 4) {
       int64_t x0 = 0;
       for (; x0 + 4 <= C; x0 += 4) {
-        const float* a = in + y0 * C + x0;
-        const f4 r0 = load4(a), r1 = load4(a + C), r2 = load4(a + 2 * C), r3 = load4(a + 3 * C);
-        const f4 t0 = QM_SHUF4(r0, r1, 0, 4, 1, 5), t1 = QM_SHUF4(r0, r1, 2, 6, 3, 7);
-        const f4 t2 = QM_SHUF4(r2, r3, 0, 4, 1, 5), t3 = QM_SHUF4(r2, r3, 2, 6, 3, 7);
-        const f4 c[4] = {QM_SHUF4(t0, t2, 0, 1, 4, 5), QM_SHUF4(t0, t2, 2, 3, 6, 7),
-                         QM_SHUF4(t1, t3, 0, 1, 4, 5), QM_SHUF4(t1, t3, 2, 3, 6, 7)};
+        f4 c[4];  // rows y0..y0+3, then (transposed) columns x0..x0+3
+        for (int i = 0; i < 4; ++i) c[i] = load4(in + (y0 + i) * C + x0);
+        transpose4x4<i4>(c);
         for (int i = 0; i < 4; ++i) {  // column x0 + i: out[(x0 + i) * R + y0 ..]
           float* o = out + (x0 + i) * R + y0;
           store4(o, kAdd ? load4(o) + c[i] : c[i]);

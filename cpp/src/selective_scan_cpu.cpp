@@ -12,6 +12,7 @@
 
 #include "quadmamba/parallel.h"
 #include "quadmamba/selective_scan.h"
+#include "vector_ext.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
