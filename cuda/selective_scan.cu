@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common.cuh"
 #include "quadmamba/selective_scan.h"
@@ -527,37 +528,35 @@ ScanArgs make_args(const SelectiveScanParams& p, const TensorView& u, const Tens
   return a;
 }
 
-template <typename T, typename TOut, int kN>
-void launch_fwd_n(int threads, dim3 grid, cudaStream_t stream, const ScanArgs& a, FwdOut out) {
-  if (threads == 32) scan_fwd_kernel<T, TOut, kN, 32><<<grid, 32, 0, stream>>>(a, out);
-  else if (threads == 64) scan_fwd_kernel<T, TOut, kN, 64><<<grid, 64, 0, stream>>>(a, out);
-  else scan_fwd_kernel<T, TOut, kN, kMaxThreads><<<grid, kMaxThreads, 0, stream>>>(a, out);
+// Calls f(std::integral_constant<int, n>{}) with n = threads (32, 64 or kMaxThreads).
+template <typename F>
+void with_threads(int threads, const F& f) {
+  if (threads == 32) f(std::integral_constant<int, 32>{});
+  else if (threads == 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, kMaxThreads>{});
 }
 
 template <typename T, typename TOut>
 void launch_fwd(const SelectiveScanParams& p, const ScanArgs& a, FwdOut out) {
   const dim3 grid(static_cast<unsigned>(p.batch * p.channels));
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  const int threads = threads_for(p.length);
-  if (p.dstate == 1) launch_fwd_n<T, TOut, 1>(threads, grid, stream, a, out);
-  else launch_fwd_n<T, TOut, 0>(threads, grid, stream, a, out);
+  with_threads(threads_for(p.length), [&](auto threads) {
+    constexpr int kT = decltype(threads)::value;
+    if (p.dstate == 1) scan_fwd_kernel<T, TOut, 1, kT><<<grid, kT, 0, stream>>>(a, out);
+    else scan_fwd_kernel<T, TOut, 0, kT><<<grid, kT, 0, stream>>>(a, out);
+  });
   QM_CUDA_CHECK_LAUNCH();
-}
-
-template <typename T, int kN>
-void launch_bwd_n(int threads, dim3 grid, cudaStream_t stream, const ScanArgs& a, const BwdIO& io) {
-  if (threads == 32) scan_bwd_kernel<T, kN, 32><<<grid, 32, 0, stream>>>(a, io);
-  else if (threads == 64) scan_bwd_kernel<T, kN, 64><<<grid, 64, 0, stream>>>(a, io);
-  else scan_bwd_kernel<T, kN, kMaxThreads><<<grid, kMaxThreads, 0, stream>>>(a, io);
 }
 
 template <typename T>
 void launch_bwd(const SelectiveScanParams& p, const ScanArgs& a, BwdIO io) {
   const dim3 grid(static_cast<unsigned>(p.batch * p.channels));
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  const int threads = threads_for(p.length);
-  if (p.dstate == 1) launch_bwd_n<T, 1>(threads, grid, stream, a, io);
-  else launch_bwd_n<T, 0>(threads, grid, stream, a, io);
+  with_threads(threads_for(p.length), [&](auto threads) {
+    constexpr int kT = decltype(threads)::value;
+    if (p.dstate == 1) scan_bwd_kernel<T, 1, kT><<<grid, kT, 0, stream>>>(a, io);
+    else scan_bwd_kernel<T, 0, kT><<<grid, kT, 0, stream>>>(a, io);
+  });
   QM_CUDA_CHECK_LAUNCH();
   if (io.partials) {
     constexpr int kReduceThreads = 256;
