@@ -46,10 +46,7 @@ def selective_scan_ref(
     Returns:
         y (B, K*D, L) in u's dtype (or out_dtype); computed in float32 (float64 for float64 inputs).
     """
-    if out_dtype is not None and out_dtype not in (u.dtype, torch.float32):
-        raise TypeError(f"selective_scan_ref: out_dtype must be None, u's dtype ({u.dtype}) or torch.float32, "
-                        f"got {out_dtype}")
-    dtype_out = u.dtype
+    dtype_out = scan_out_dtype("selective_scan_ref", u, out_dtype)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     batch, channels, length = u.shape
@@ -73,7 +70,14 @@ def selective_scan_ref(
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D.to(compute)[:, None]
-    return y.to(out_dtype or dtype_out)
+    return y.to(dtype_out)
+
+
+def scan_out_dtype(op: str, u: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    """y's dtype for a selective scan's out_dtype argument: u's dtype (None) or float32."""
+    if out_dtype is not None and out_dtype not in (u.dtype, torch.float32):
+        raise TypeError(f"{op}: out_dtype must be None, u's dtype ({u.dtype}) or torch.float32, got {out_dtype}")
+    return u.dtype if out_dtype is None else out_dtype
 
 
 def _segsum_exp(x: torch.Tensor) -> torch.Tensor:

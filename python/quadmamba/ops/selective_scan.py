@@ -24,6 +24,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from quadmamba import _backend
+from quadmamba.ops.reference import scan_out_dtype
 
 __all__ = ["selective_scan"]
 
@@ -127,10 +128,11 @@ def selective_scan(
 
 def _out_float32(u: torch.Tensor, out_dtype) -> bool:
     """Whether y is float32 where u is not (out_dtype=torch.float32); checks out_dtype."""
-    if out_dtype is not None and out_dtype not in (u.dtype, torch.float32):
-        raise TypeError(f"selective_scan: out_dtype must be None, u's dtype ({u.dtype}) or torch.float32, "
-                        f"got {out_dtype}")
-    return out_dtype == torch.float32 and u.dtype != torch.float32
+    return scan_out_dtype("selective_scan", u, out_dtype) != u.dtype
+
+
+def _y_dtype(u: torch.Tensor, out_float32: bool) -> torch.dtype:
+    return torch.float32 if out_float32 else u.dtype
 
 
 def _compute_dtype(u: torch.Tensor) -> torch.dtype:
@@ -154,7 +156,7 @@ def _selective_scan_op(
     out_float32: bool,
 ) -> torch.Tensor:
     core = _backend.core()
-    out_dtype = torch.float32 if out_float32 else u.dtype
+    out_dtype = _y_dtype(u, out_float32)
     if u.device.type == "cuda":
         # The kernel reads u, delta, B, C in their own dtype; A, D, delta_bias in float32;
         # it writes y in u's dtype or float32.
@@ -178,7 +180,7 @@ def _selective_scan_op(
 
 @_selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32):
-    return torch.empty_like(u, dtype=torch.float32 if out_float32 else u.dtype)
+    return torch.empty_like(u, dtype=_y_dtype(u, out_float32))
 
 
 @torch.library.custom_op("quadmamba::selective_scan_bwd", mutates_args=())
