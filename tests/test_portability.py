@@ -19,6 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("QUADMAMBA_REQUIRE_CPP_TESTS") == "1"
+# AddressSanitizer + UndefinedBehaviorSanitizer: compiler / linker flags and run-time options.
+ASAN_UBSAN_FLAGS = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+ASAN_UBSAN_ENV = {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
 
 
 def _missing(what: str) -> None:
@@ -91,9 +94,7 @@ def _build_sanitized(build: Path, flags: str, runtime: str, env: dict, extra_arg
 def test_core_under_sanitizers(tmp_path):
     """Every C++ test, on every code path (native, no AVX, no intrinsics), with ASan + UBSan:
     out-of-bounds or misaligned accesses and undefined arithmetic fail the test."""
-    _build_sanitized(tmp_path / "build",
-                     "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined",
-                     "libasan.so", dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1"),
+    _build_sanitized(tmp_path / "build", ASAN_UBSAN_FLAGS, "libasan.so", dict(os.environ, **ASAN_UBSAN_ENV),
                      levels=("", "1", "2"))
 
 
@@ -124,12 +125,11 @@ def test_cuda_kernels_under_the_cpu_emulator(tmp_path):
     _need("cmake")
     _need_sanitizer_runtime("libasan.so")
     build = tmp_path / "build"
-    flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
+    env = dict(os.environ, **ASAN_UBSAN_ENV)
     env.pop("QUADMAMBA_CPU_GENERIC", None)
     _build_cpp_tests(build, env, cmake_args=(
         "-DQUADMAMBA_CUDA_EMULATOR=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
-        f"-DQUADMAMBA_CUDA_EMULATOR_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={flags}"),
+        f"-DQUADMAMBA_CUDA_EMULATOR_FLAGS={ASAN_UBSAN_FLAGS}", f"-DCMAKE_EXE_LINKER_FLAGS={ASAN_UBSAN_FLAGS}"),
         targets=("test_cuda_emu", "test_selective_scan", "test_quad_scan"))
 
     def run(binary: str, gtest_filter: str, order: str, cases: int) -> None:
