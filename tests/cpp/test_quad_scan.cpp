@@ -10,20 +10,12 @@
 
 #include "quadmamba/cross_scan.h"
 #include "quadmamba/quad_scan.h"
-
-#if defined(QUADMAMBA_WITH_CUDA)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#endif
+#include "test_support.h"
 
 using namespace quadmamba;
+using namespace quadmamba_test;
 
 namespace {
-
-template <typename T> DType dtype_of();
-template <> DType dtype_of<float>() { return DType::Float32; }
-template <> DType dtype_of<double>() { return DType::Float64; }
 
 template <typename T>
 std::vector<T> randn(size_t n, unsigned seed) {
@@ -176,26 +168,6 @@ TEST(CrossScanCpu, MatchesNaiveLoops) {
 namespace {
 
 template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n;
-  explicit DeviceBuffer(const std::vector<T>& host) : n(host.size()) {
-    EXPECT_EQ(cudaMalloc(&ptr, n * sizeof(T)), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  std::vector<T> get() const {
-    std::vector<T> host(n);
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    return host;
-  }
-  TensorView view(std::initializer_list<int64_t> shape) const {
-    return TensorView(ptr, dtype_of<T>(), shape, Device{0});
-  }
-};
-
-template <typename T>
 void expect_close(const std::vector<T>& a, const std::vector<T>& b, double tol, const char* what) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i)
@@ -264,37 +236,24 @@ const Case kCudaCases[] = {
 
 // float16 / bfloat16 data (decision, its gradient and the workspace in float32): the CUDA
 // kernels on values rounded to H against the CPU float32 kernels on the same values.
-template <typename H> H to_h(float v);
-template <> __half to_h<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 to_h<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-float from_h(__half v) { return __half2float(v); }
-float from_h(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <typename H>
 struct HalfData {
   std::vector<float> f;  // the values, rounded to H
   std::vector<H> h;
   explicit HalfData(std::vector<float> v) : f(std::move(v)), h(f.size()) {
     for (size_t i = 0; i < f.size(); ++i) {
-      h[i] = to_h<H>(f[i]);
-      f[i] = from_h(h[i]);
+      h[i] = to_elem<H>(f[i]);
+      f[i] = static_cast<float>(from_elem(h[i]));
     }
   }
 };
-
-template <typename H>
-std::vector<float> widen(const std::vector<H>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = from_h(v[i]);
-  return out;
-}
 
 template <typename H>
 void check_half_against_cpu(const Case& k, double tol) {
   const int64_t B = k.B, D = k.D, H_ = k.H, W = k.W, L = H_ * W;
   const QuadGeometry g =
       make_quad_geometry(H_, W, k.sy, k.sx, k.official ? QuadOrder::Official : QuadOrder::Quadtree);
-  const DType f32 = DType::Float32, dh = std::is_same<H, __half>::value ? DType::Float16 : DType::BFloat16;
+  const DType f32 = DType::Float32;
   const HalfData<H> x(randn<float>(B * D * L, 15)), ys(randn<float>(B * 2 * D * L, 16)),
       cross_in(randn<float>(B * 4 * D * L, 17));
   std::vector<float> dec(B * 4, 0.f);
@@ -315,28 +274,27 @@ void check_half_against_cpu(const Case& k, double tol) {
   cross_merge_fwd_cpu(TensorView(const_cast<float*>(cross_in.f.data()), f32, {B, 4, D, L}),
                       TensorView(cross_y.data(), f32, {B, D, H_, W}));
 
-  const std::vector<H> hnan_seq(B * 2 * D * L, to_h<H>(NAN)), hnan_raster(B * D * L, to_h<H>(NAN)),
-      hnan_cross(B * 4 * D * L, to_h<H>(NAN));
+  const std::vector<H> hnan_seq(B * 2 * D * L, to_elem<H>(NAN)), hnan_raster(B * D * L, to_elem<H>(NAN)),
+      hnan_cross(B * 4 * D * L, to_elem<H>(NAN));
   DeviceBuffer<H> xd(x.h), ysd(ys.h), cind(cross_in.h), outd(hnan_seq), yd(hnan_raster), dxd(hnan_raster),
       dysd(hnan_seq), coutd(hnan_cross), cyd(hnan_raster);
   DeviceBuffer<float> decd(dec), dd1d(nan_dec), dd2d(nan_dec), wsd(nan_ws);
-  auto hv = [&](const DeviceBuffer<H>& b, std::initializer_list<int64_t> shape) { return TensorView(b.ptr, dh, shape, Device{0}); };
-  quad_scan_fwd_cuda(hv(xd, {B, D, H_, W}), decd.view({B, 4}), hv(outd, {B, 2, D, L}), g, nullptr);
-  quad_merge_fwd_cuda(hv(ysd, {B, 2, D, L}), decd.view({B, 4}), hv(yd, {B, D, H_, W}), g, nullptr);
-  quad_scan_bwd_cuda(hv(xd, {B, D, H_, W}), decd.view({B, 4}), hv(ysd, {B, 2, D, L}), hv(dxd, {B, D, H_, W}),
+  quad_scan_fwd_cuda(xd.view({B, D, H_, W}), decd.view({B, 4}), outd.view({B, 2, D, L}), g, nullptr);
+  quad_merge_fwd_cuda(ysd.view({B, 2, D, L}), decd.view({B, 4}), yd.view({B, D, H_, W}), g, nullptr);
+  quad_scan_bwd_cuda(xd.view({B, D, H_, W}), decd.view({B, 4}), ysd.view({B, 2, D, L}), dxd.view({B, D, H_, W}),
                      dd1d.view({B, 4}), wsd.view({B, D, 4}), g, nullptr);
-  quad_merge_bwd_cuda(hv(ysd, {B, 2, D, L}), decd.view({B, 4}), hv(xd, {B, D, H_, W}), hv(dysd, {B, 2, D, L}),
+  quad_merge_bwd_cuda(ysd.view({B, 2, D, L}), decd.view({B, 4}), xd.view({B, D, H_, W}), dysd.view({B, 2, D, L}),
                       dd2d.view({B, 4}), wsd.view({B, D, 4}), g, nullptr);
-  cross_scan_fwd_cuda(hv(xd, {B, D, H_, W}), hv(coutd, {B, 4, D, L}), nullptr);
-  cross_merge_fwd_cuda(hv(cind, {B, 4, D, L}), hv(cyd, {B, D, H_, W}), nullptr);
+  cross_scan_fwd_cuda(xd.view({B, D, H_, W}), coutd.view({B, 4, D, L}), nullptr);
+  cross_merge_fwd_cuda(cind.view({B, 4, D, L}), cyd.view({B, D, H_, W}), nullptr);
   const char* name = std::is_same<H, __half>::value ? "float16" : "bfloat16";
   // Data outputs: one rounding to H (a copy, or a sum of 2 or 4 values).
-  expect_close(widen(outd.get()), out, tol, (std::string("quad_scan_fwd ") + name).c_str());
-  expect_close(widen(yd.get()), y, tol, (std::string("quad_merge_fwd ") + name).c_str());
-  expect_close(widen(dxd.get()), dx, tol, (std::string("quad_scan_bwd dx ") + name).c_str());
-  expect_close(widen(dysd.get()), dys, tol, (std::string("quad_merge_bwd dys ") + name).c_str());
-  expect_close(widen(coutd.get()), cross_out, 0, (std::string("cross_scan_fwd ") + name).c_str());
-  expect_close(widen(cyd.get()), cross_y, tol, (std::string("cross_merge_fwd ") + name).c_str());
+  expect_close(as<float>(outd.get()), out, tol, (std::string("quad_scan_fwd ") + name).c_str());
+  expect_close(as<float>(yd.get()), y, tol, (std::string("quad_merge_fwd ") + name).c_str());
+  expect_close(as<float>(dxd.get()), dx, tol, (std::string("quad_scan_bwd dx ") + name).c_str());
+  expect_close(as<float>(dysd.get()), dys, tol, (std::string("quad_merge_bwd dys ") + name).c_str());
+  expect_close(as<float>(coutd.get()), cross_out, 0, (std::string("cross_scan_fwd ") + name).c_str());
+  expect_close(as<float>(cyd.get()), cross_y, tol, (std::string("cross_merge_fwd ") + name).c_str());
   // Decision gradients: float32 sums of the same products, in another order.
   expect_close(dd1d.get(), dd1, 1e-3, (std::string("quad_scan_bwd ddecision ") + name).c_str());
   expect_close(dd2d.get(), dd2, 1e-3, (std::string("quad_merge_bwd ddecision ") + name).c_str());

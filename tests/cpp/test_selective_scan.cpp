@@ -11,16 +11,10 @@
 #include <vector>
 
 #include "quadmamba/selective_scan.h"
-
-#if defined(QUADMAMBA_WITH_CUDA)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <type_traits>
-#endif
+#include "test_support.h"
 
 using namespace quadmamba;
+using namespace quadmamba_test;
 
 namespace {
 
@@ -129,23 +123,13 @@ Grads naive(const Problem& p) {
   return g;
 }
 
-template <typename T>
-constexpr DType dtype_of() {
-  return sizeof(T) == 4 ? DType::Float32 : DType::Float64;
-}
-
-template <typename T>
-std::vector<T> cast(const std::vector<double>& v) {
-  return std::vector<T>(v.begin(), v.end());
-}
-
 // Runs the CPU kernels in precision T; outputs are pre-filled with NaN.
 template <typename T>
 Grads run_cpu(const Problem& p) {
   const Shape& s = p.s;
   const int64_t KD = s.channels(), L = s.length, N = s.dstate, Bn = s.batch, K = s.groups;
-  auto u = cast<T>(p.u), delta = cast<T>(p.delta), A = cast<T>(p.A), B = cast<T>(p.B),
-       C = cast<T>(p.C), D = cast<T>(p.D), bias = cast<T>(p.bias), dy = cast<T>(p.dy);
+  auto u = as<T>(p.u), delta = as<T>(p.delta), A = as<T>(p.A), B = as<T>(p.B),
+       C = as<T>(p.C), D = as<T>(p.D), bias = as<T>(p.bias), dy = as<T>(p.dy);
   const DType dt = dtype_of<T>();
   const TensorView vu(u.data(), dt, {Bn, KD, L}), vdelta(delta.data(), dt, {Bn, KD, L}),
       vA(A.data(), dt, {KD, N}), vB(B.data(), dt, {Bn, K, N, L}), vC(C.data(), dt, {Bn, K, N, L}),
@@ -262,43 +246,6 @@ TEST(SelectiveScanCpu, RejectsBadShapes) {
 #if defined(QUADMAMBA_WITH_CUDA)
 namespace {
 
-// Element conversions of the CUDA data types (float32, float16, bfloat16).
-template <typename T> T to_elem(double v);
-template <> float to_elem<float>(double v) { return static_cast<float>(v); }
-template <> __half to_elem<__half>(double v) { return __float2half_rn(static_cast<float>(v)); }
-template <> __nv_bfloat16 to_elem<__nv_bfloat16>(double v) { return __float2bfloat16_rn(static_cast<float>(v)); }
-double from_elem(float v) { return v; }
-double from_elem(__half v) { return __half2float(v); }
-double from_elem(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> constexpr DType cuda_dtype() {
-  return std::is_same<T, float>::value ? DType::Float32
-         : std::is_same<T, __half>::value ? DType::Float16 : DType::BFloat16;
-}
-
-// A device array of T filled from doubles (or `fill` when `host` is empty and n > 0).
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(const std::vector<double>& host) : n(host.size()) {
-    std::vector<T> h(n);
-    for (size_t i = 0; i < n; ++i) h[i] = to_elem<T>(host[i]);
-    EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
-    if (n) EXPECT_EQ(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  std::vector<double> get() const {
-    std::vector<T> h(n);
-    if (n) EXPECT_EQ(cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-    std::vector<double> out(n);
-    for (size_t i = 0; i < n; ++i) out[i] = from_elem(h[i]);
-    return out;
-  }
-  TensorView view(std::initializer_list<int64_t> shape) const {
-    return TensorView(ptr, cuda_dtype<T>(), shape, Device{0});
-  }
-};
-
 // The CUDA kernels with u, delta, B, C, dy (and du, ddelta) in T, y in TY (T, or float32);
 // A, D, delta_bias and their gradients in float32. Outputs are NaN-poisoned (every entry
 // must be written).
@@ -332,7 +279,8 @@ Grads run_cuda(const Problem& p, bool deterministic = false) {
                           deterministic ? part.view({2, Bn, KD, N, L}) : TensorView(),
                           deterministic ? rowpart.view({Bn, KD, N + 2}) : TensorView());
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  return Grads{y.get(), du.get(), ddelta.get(), dA.get(), dB.get(), dC.get(), dD.get(), dbias.get()};
+  return Grads{as<double>(y.get()), as<double>(du.get()), as<double>(ddelta.get()), as<double>(dA.get()),
+               as<double>(dB.get()), as<double>(dC.get()), as<double>(dD.get()), as<double>(dbias.get())};
 }
 
 // p with u, delta, B, C, dy rounded to T (what a T tensor holds).
