@@ -2,15 +2,21 @@
 
 For each shape: forward, backward and forward+backward times of the fused op, the
 achieved GB/s and the fraction of the copy-bandwidth floor, and the ratio to
-  - selective_scan_ref (the sequential plain-PyTorch specification), and
+  - selective_scan_ref (the sequential plain-PyTorch specification; one view per step
+    through unbind, so autograd's backward stays linear in L),
   - selective_scan_chunked_ref (the fastest plain-PyTorch formulation here: a
-    chunked closed form; the best chunk length of those tried is used),
-all measured in the same run. Times are the best of several runs (the sequential
-reference: one run after no warm-up). Bytes moved (KERNELS.md), e = element size:
+    chunked closed form; the best chunk length of those tried is used), and
+  - with --indexed-loop, indexed_loop below: the same recurrence written the common way,
+    indexing step t of the (B, KD, N, L) tensors in the loop (the form of the reference
+    scans that ship with Mamba-style code); autograd's backward of each index is a
+    full-size tensor, so its backward grows about quadratically in L (minutes at
+    S stage 0, batch 8),
+all measured in the same run. Times are the best of several runs (the loops: one run
+after no warm-up). Bytes moved (KERNELS.md), e = element size:
   forward  (3 B*KD*L + 2 B*K*N*L) * e     (read u, delta, B, C; write y)
   backward (5 B*KD*L + 4 B*K*N*L) * e     (read u, delta, dy, B, C; write du, ddelta, dB, dC)
 
-Usage: PYTHONPATH=python python bench/bench_selective_scan.py [--device cpu|cuda] [--quick]
+Usage: PYTHONPATH=python python bench/bench_selective_scan.py [--device cpu|cuda] [--quick] [--indexed-loop]
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import copy_bandwidth, environment, time_fn  # noqa: E402
@@ -36,6 +43,30 @@ SHAPES = [
     ("N=16", 1, 1, 256, 4096, 16),
 ]
 CHUNKS = (16, 32)
+# The loops run at most this many steps; longer shapes are timed at this length and scaled
+# up in proportion (their cost per step does not depend on L), labelled, e.g. "(L=3136 x1.31)".
+LOOP_MAX_LENGTH = 3136
+
+
+def indexed_loop(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+    """selective_scan_ref's recurrence, indexing step t of full tensors in the loop."""
+    channels = u.shape[1]
+    per_group = channels // B.shape[1]
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    Bx = B.repeat_interleave(per_group, dim=1)                          # (B, KD, N, L)
+    Cx = C.repeat_interleave(per_group, dim=1)
+    decay = torch.exp(delta.unsqueeze(2) * A[None, :, :, None])
+    drive = delta.unsqueeze(2) * Bx * u.unsqueeze(2)
+    h = u.new_zeros(u.shape[0], channels, A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        h = decay[..., t] * h + drive[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    return y if D is None else y + u * D[:, None]
 
 
 def make_inputs(batch, groups, channels, length, dstate, device, dtype=torch.float32):
@@ -49,22 +80,25 @@ def make_inputs(batch, groups, channels, length, dstate, device, dtype=torch.flo
     return [u, delta, A, B, C, D, bias]
 
 
-def fwd_bwd_times(fn, inputs, device, reps, min_seconds=0.0):
-    """(forward, forward+backward) median seconds of fn on inputs (gradients for all)."""
+def forward_backward(fn, inputs):
+    """A closure running fn on copies of inputs and its backward to every input."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     grad = torch.randn_like(inputs[0])
 
+    def run():
+        torch.autograd.grad(fn(*leaves), leaves, grad)
+    return run
+
+
+def fwd_bwd_times(fn, inputs, device, reps, min_seconds=0.0):
+    """(forward, forward+backward) best seconds of fn on inputs (gradients for all)."""
     def forward():
         with torch.no_grad():
-            fn(*leaves)
-
-    def forward_backward():
-        y = fn(*leaves)
-        torch.autograd.grad(y, leaves, grad)
+            fn(*inputs)
 
     warm = 1 if reps > 1 else 0
     t_f = time_fn(forward, device, warmup=warm, reps=reps, min_seconds=min_seconds)
-    t_fb = time_fn(forward_backward, device, warmup=warm, reps=reps, min_seconds=min_seconds)
+    t_fb = time_fn(forward_backward(fn, inputs), device, warmup=warm, reps=reps, min_seconds=min_seconds)
     return t_f, t_fb
 
 
@@ -80,6 +114,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", default=None, help="run only the shapes whose label contains this")
     parser.add_argument("--skip-ref", action="store_true", help="do not time the sequential reference")
+    parser.add_argument("--indexed-loop", action="store_true",
+                        help="also time indexed_loop (slow: about 10 minutes on 2 cores)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -90,9 +126,11 @@ def main():
     bandwidth = copy_bandwidth(device)
     print(f"{device.type} copy bandwidth (read + write): {bandwidth:.1f} GB/s")
     print("times in ms; GB/s = bytes / time; floor = fraction of the copy bandwidth; "
-          "x ref = sequential reference time / op time; x chunked = best chunked-ref time / op time\n")
+          "x ref = sequential reference time / op time; x chunked = best chunked-ref time / op time; "
+          "x indexed = indexed loop time / op time (all fwd+bwd)\n")
     header = ("| shape | B | KD | L | N | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s | floor fwd/bwd "
-              "| ref fwd+bwd ms | x ref | chunked fwd+bwd ms (T) | x chunked |")
+              "| ref fwd+bwd ms | x ref | chunked fwd+bwd ms (T) | x chunked |"
+              + (" indexed fwd+bwd ms | x indexed |" if args.indexed_loop else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for label, batch, groups, channels, length, dstate in SHAPES:
@@ -105,20 +143,21 @@ def main():
         t_f, t_fb = fwd_bwd_times(selective_scan, inputs, device, reps, min_seconds)
         t_b = op_backward_time(inputs, device, reps, min_seconds)
 
-        # Sequential reference: one timed run. Its cost is linear in B and L, so at batch > 1 it
-        # runs at batch 1 and beyond L = 3136 at L = 2048 (autograd through longer step-by-step
-        # graphs is very slow), scaled up and labelled, e.g. "(B=1 x8)".
-        ref_note = ""
-        if args.skip_ref:
-            ref_fb = float("nan")
-        else:
-            ref_len = length if length <= 3136 else 2048
-            scale = batch * length / ref_len
-            if scale != 1:
-                ref_note = f" (B=1, L={ref_len} x{scale:g})" if ref_len != length else f" (B=1 x{batch})"
-            ref_inputs = make_inputs(1, groups, channels, ref_len, dstate, device) if scale != 1 else inputs
-            _, ref_fb = fwd_bwd_times(selective_scan_ref, ref_inputs, device, reps=1)
-            ref_fb *= scale
+        # The loops, fwd+bwd at the shape's batch and at most LOOP_MAX_LENGTH steps: the
+        # sequential reference best of 2 runs after a warm-up, the indexed loop one run.
+        loop_len = min(length, LOOP_MAX_LENGTH)
+        loop_note = f" (L={loop_len} x{length / loop_len:.3g})" if loop_len != length else ""
+        loop_inputs = make_inputs(batch, groups, channels, loop_len, dstate, device) if loop_note else inputs
+
+        def loop_time(fn, reps):
+            run = forward_backward(fn, loop_inputs)
+            return time_fn(run, device, warmup=1 if reps > 1 else 0, reps=reps) * length / loop_len
+
+        ref_fb = float("nan") if args.skip_ref else loop_time(selective_scan_ref, reps=2)
+        indexed = ""
+        if args.indexed_loop:
+            t_idx = loop_time(indexed_loop, reps=1)
+            indexed = f" {t_idx * 1e3:.0f}{loop_note} | {t_idx / t_fb:.0f} |"
 
         best = None
         for chunk in CHUNKS:
@@ -136,7 +175,7 @@ def main():
         print(
             f"| {label} | {batch} | {channels} | {length} | {dstate} | {t_f * 1e3:.2f} | {t_b * 1e3:.2f} "
             f"| {t_fb * 1e3:.2f} | {fwd_bytes / t_f / 1e9:.1f} | {bwd_bytes / t_b / 1e9:.1f} | {floor} "
-            f"| {ref_fb * 1e3:.0f}{ref_note} | {ref_fb / t_fb:.0f} | {chunk_txt} | {x_chunk} |",
+            f"| {ref_fb * 1e3:.0f}{loop_note} | {ref_fb / t_fb:.0f} | {chunk_txt} | {x_chunk} |{indexed}",
             flush=True,
         )
 
