@@ -25,7 +25,10 @@ class CudaDeviceGuard {
     QM_CUDA_CHECK(cudaGetDevice(&previous_));
     if (index != previous_) QM_CUDA_CHECK(cudaSetDevice(index));
   }
-  ~CudaDeviceGuard() { cudaSetDevice(previous_); }
+  ~CudaDeviceGuard() {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
   CudaDeviceGuard(const CudaDeviceGuard&) = delete;
   CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
 

@@ -221,32 +221,28 @@ void launch(Pass pass, const TensorView& in, const TensorView& decision, const T
 
 void quad_scan_fwd_cuda(const TensorView& x, const TensorView& decision, const TensorView& out,
                         const QuadGeometry& g, void* stream) {
-  check_quad_args(x, "x", out, "out", decision, TensorView{}, TensorView{}, g);
+  check_quad_scan_fwd_args(x, decision, out, g);
   launch(Pass::Gather, x, decision, out, {}, {}, {}, g, x.shape[0], x.shape[1], stream, "quad_scan_fwd");
 }
 
 void quad_scan_bwd_cuda(const TensorView& x, const TensorView& decision, const TensorView& gout,
                         const TensorView& dx, const TensorView& ddecision, const TensorView& workspace,
                         const QuadGeometry& g, void* stream) {
-  check_quad_args(x, "x", gout, "gout", decision, ddecision, workspace, g);
-  check_quad_args(dx, "dx", gout, "gout", decision, TensorView{}, TensorView{}, g);
-  QM_CHECK(ddecision.defined(), "ddecision is required");
+  check_quad_scan_bwd_args(x, decision, gout, dx, ddecision, workspace, g);
   launch(Pass::Scatter, gout, decision, dx, x, ddecision, workspace, g, x.shape[0], x.shape[1], stream,
          "quad_scan_bwd");
 }
 
 void quad_merge_fwd_cuda(const TensorView& ys, const TensorView& decision, const TensorView& y,
                          const QuadGeometry& g, void* stream) {
-  check_quad_args(y, "y", ys, "ys", decision, TensorView{}, TensorView{}, g);
+  check_quad_merge_fwd_args(ys, decision, y, g);
   launch(Pass::Scatter, ys, decision, y, {}, {}, {}, g, y.shape[0], y.shape[1], stream, "quad_merge_fwd");
 }
 
 void quad_merge_bwd_cuda(const TensorView& ys, const TensorView& decision, const TensorView& gy,
                          const TensorView& dys, const TensorView& ddecision, const TensorView& workspace,
                          const QuadGeometry& g, void* stream) {
-  check_quad_args(gy, "gy", ys, "ys", decision, ddecision, workspace, g);
-  check_quad_args(gy, "gy", dys, "dys", decision, TensorView{}, TensorView{}, g);
-  QM_CHECK(ddecision.defined(), "ddecision is required");
+  check_quad_merge_bwd_args(ys, decision, gy, dys, ddecision, workspace, g);
   launch(Pass::Gather, gy, decision, dys, ys, ddecision, workspace, g, gy.shape[0], gy.shape[1], stream,
          "quad_merge_bwd");
 }

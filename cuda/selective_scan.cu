@@ -477,24 +477,6 @@ __global__ void reduce_batch_kernel(const float* row_partials, float* dA, float*
   }
 }
 
-// Sets the current device for the lifetime of the guard.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    QM_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) QM_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceGuard() {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 ScanArgs make_args(const SelectiveScanParams& p, const TensorView& u, const TensorView& delta,
@@ -592,7 +574,7 @@ void selective_scan_fwd_cuda(const SelectiveScanParams& p, const TensorView& u,
   check_shape(y, "y", {p.batch, p.channels, p.length});
   a.vec = a.vec && aligned16(y.data);  // (L is a multiple of u's 16-byte vector, so of y's)
   const FwdOut out{y.data};
-  DeviceGuard guard(u.device.index);
+  CudaDeviceGuard guard(u.device.index);
   switch (u.dtype) {
     case DType::Float32: launch_fwd<float, float>(p, a, out); break;
     case DType::Float16:
@@ -649,7 +631,7 @@ void selective_scan_bwd_cuda(const SelectiveScanParams& p, const TensorView& u,
     io.partials = partials.ptr<float>();
     io.row_partials = row_partials.ptr<float>();
   }
-  DeviceGuard guard(dev.index);
+  CudaDeviceGuard guard(dev.index);
   switch (u.dtype) {
     case DType::Float32: launch_bwd<float>(p, a, io); break;
     case DType::Float16: launch_bwd<__half>(p, a, io); break;

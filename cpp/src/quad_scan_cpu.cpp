@@ -51,6 +51,10 @@ QuadGeometry make_quad_geometry(int64_t H, int64_t W, int64_t sy, int64_t sx, Qu
   return g;
 }
 
+namespace {
+
+// `raster` is the (B, D, H, W) argument, `seq` the (B, 2, D, L) one; ddecision and
+// workspace may be undefined (the forward passes).
 void check_quad_args(const TensorView& raster, const char* raster_name, const TensorView& seq,
                      const char* seq_name, const TensorView& decision, const TensorView& ddecision,
                      const TensorView& workspace, const QuadGeometry& g) {
@@ -72,6 +76,34 @@ void check_quad_args(const TensorView& raster, const char* raster_name, const Te
     check_view(workspace, "workspace", 3, acc, dev);
     check_shape(workspace, "workspace", {B, D, 4});
   }
+}
+
+}  // namespace
+
+void check_quad_scan_fwd_args(const TensorView& x, const TensorView& decision, const TensorView& out,
+                              const QuadGeometry& g) {
+  check_quad_args(x, "x", out, "out", decision, TensorView{}, TensorView{}, g);
+}
+
+void check_quad_scan_bwd_args(const TensorView& x, const TensorView& decision, const TensorView& gout,
+                              const TensorView& dx, const TensorView& ddecision, const TensorView& workspace,
+                              const QuadGeometry& g) {
+  QM_CHECK(ddecision.defined(), "ddecision is required");
+  check_quad_args(x, "x", gout, "gout", decision, ddecision, workspace, g);
+  check_quad_args(dx, "dx", gout, "gout", decision, TensorView{}, TensorView{}, g);
+}
+
+void check_quad_merge_fwd_args(const TensorView& ys, const TensorView& decision, const TensorView& y,
+                               const QuadGeometry& g) {
+  check_quad_args(y, "y", ys, "ys", decision, TensorView{}, TensorView{}, g);
+}
+
+void check_quad_merge_bwd_args(const TensorView& ys, const TensorView& decision, const TensorView& gy,
+                               const TensorView& dys, const TensorView& ddecision, const TensorView& workspace,
+                               const QuadGeometry& g) {
+  QM_CHECK(ddecision.defined(), "ddecision is required");
+  check_quad_args(gy, "gy", ys, "ys", decision, ddecision, workspace, g);
+  check_quad_args(gy, "gy", dys, "dys", decision, TensorView{}, TensorView{}, g);
 }
 
 namespace {
@@ -764,7 +796,7 @@ void check_cpu(const TensorView& t) {
 
 void quad_scan_fwd_cpu(const TensorView& x, const TensorView& decision, const TensorView& out,
                        const QuadGeometry& g) {
-  check_quad_args(x, "x", out, "out", decision, TensorView{}, TensorView{}, g);
+  check_quad_scan_fwd_args(x, decision, out, g);
   check_cpu(x);
   if (x.dtype == DType::Float64) gather<double>(x, decision, out, {}, {}, {}, g);
   else gather<float>(x, decision, out, {}, {}, {}, g);
@@ -773,9 +805,7 @@ void quad_scan_fwd_cpu(const TensorView& x, const TensorView& decision, const Te
 void quad_scan_bwd_cpu(const TensorView& x, const TensorView& decision, const TensorView& gout,
                        const TensorView& dx, const TensorView& ddecision, const TensorView& workspace,
                        const QuadGeometry& g) {
-  check_quad_args(x, "x", gout, "gout", decision, ddecision, workspace, g);
-  check_quad_args(dx, "dx", gout, "gout", decision, TensorView{}, TensorView{}, g);
-  QM_CHECK(ddecision.defined(), "ddecision is required");
+  check_quad_scan_bwd_args(x, decision, gout, dx, ddecision, workspace, g);
   check_cpu(x);
   if (x.dtype == DType::Float64) scatter<double>(gout, decision, dx, x, ddecision, workspace, g);
   else scatter<float>(gout, decision, dx, x, ddecision, workspace, g);
@@ -783,7 +813,7 @@ void quad_scan_bwd_cpu(const TensorView& x, const TensorView& decision, const Te
 
 void quad_merge_fwd_cpu(const TensorView& ys, const TensorView& decision, const TensorView& y,
                         const QuadGeometry& g) {
-  check_quad_args(y, "y", ys, "ys", decision, TensorView{}, TensorView{}, g);
+  check_quad_merge_fwd_args(ys, decision, y, g);
   check_cpu(y);
   if (y.dtype == DType::Float64) scatter<double>(ys, decision, y, {}, {}, {}, g);
   else scatter<float>(ys, decision, y, {}, {}, {}, g);
@@ -792,9 +822,7 @@ void quad_merge_fwd_cpu(const TensorView& ys, const TensorView& decision, const 
 void quad_merge_bwd_cpu(const TensorView& ys, const TensorView& decision, const TensorView& gy,
                         const TensorView& dys, const TensorView& ddecision, const TensorView& workspace,
                         const QuadGeometry& g) {
-  check_quad_args(gy, "gy", ys, "ys", decision, ddecision, workspace, g);
-  check_quad_args(gy, "gy", dys, "dys", decision, TensorView{}, TensorView{}, g);
-  QM_CHECK(ddecision.defined(), "ddecision is required");
+  check_quad_merge_bwd_args(ys, decision, gy, dys, ddecision, workspace, g);
   check_cpu(gy);
   if (gy.dtype == DType::Float64) gather<double>(gy, decision, dys, ys, ddecision, workspace, g);
   else gather<float>(gy, decision, dys, ys, ddecision, workspace, g);

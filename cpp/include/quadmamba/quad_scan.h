@@ -77,10 +77,17 @@ void quad_merge_bwd_cuda(const TensorView& ys, const TensorView& decision, const
                          const TensorView& dys, const TensorView& ddecision, const TensorView& workspace,
                          const QuadGeometry& g, void* stream);
 
-// Shape / dtype / device checks shared by the CPU and CUDA entry points. `raster` is the
-// (B, D, H, W) argument, `seq` the (B, 2, D, L) one; the optional ones may be undefined.
-void check_quad_args(const TensorView& raster, const char* raster_name, const TensorView& seq,
-                     const char* seq_name, const TensorView& decision, const TensorView& ddecision,
-                     const TensorView& workspace, const QuadGeometry& g);
+// The shape / dtype / device checks of the four entry points, shared by their CPU and CUDA
+// versions (each throws quadmamba::Error naming the argument).
+void check_quad_scan_fwd_args(const TensorView& x, const TensorView& decision, const TensorView& out,
+                              const QuadGeometry& g);
+void check_quad_scan_bwd_args(const TensorView& x, const TensorView& decision, const TensorView& gout,
+                              const TensorView& dx, const TensorView& ddecision, const TensorView& workspace,
+                              const QuadGeometry& g);
+void check_quad_merge_fwd_args(const TensorView& ys, const TensorView& decision, const TensorView& y,
+                               const QuadGeometry& g);
+void check_quad_merge_bwd_args(const TensorView& ys, const TensorView& decision, const TensorView& gy,
+                               const TensorView& dys, const TensorView& ddecision, const TensorView& workspace,
+                               const QuadGeometry& g);
 
 }  // namespace quadmamba
