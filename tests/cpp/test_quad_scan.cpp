@@ -57,9 +57,12 @@ struct Case {
   bool official;
 };
 
+// The last three have runs of W/4 >= 8 slots (the 8-lane CPU passes, with an overlapping last
+// chunk where W/4 is not a multiple of 8) and D >= 4 (blocks of several rows).
 const Case kCases[] = {
-    {2, 3, 8, 8, 0, 0, false}, {2, 3, 8, 12, 3, -5, false}, {1, 4, 12, 8, -11, 7, true},
-    {3, 2, 4, 4, 1, 1, true},  {1, 2, 16, 20, 5, 0, false},
+    {2, 3, 8, 8, 0, 0, false},   {2, 3, 8, 12, 3, -5, false},   {1, 4, 12, 8, -11, 7, true},
+    {3, 2, 4, 4, 1, 1, true},    {1, 2, 16, 20, 5, 0, false},   {2, 5, 16, 40, 3, -7, false},
+    {1, 9, 24, 56, -2, 5, true}, {1, 4, 32, 32, 4, 4, false},
 };
 
 template <typename T>
