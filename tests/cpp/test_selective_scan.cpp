@@ -257,13 +257,16 @@ Grads run_cuda(const Problem& p, bool deterministic = false) {
   const double nan = std::nan("");
   DeviceBuffer<T> u(p.u), delta(p.delta), B(p.B), C(p.C), dy(p.dy);
   DeviceBuffer<float> A(p.A), D(p.D), bias(p.bias);
-  const std::vector<double> nan_rows(rows, nan), zero_bc(p.B.size(), 0.0), zero_a(p.A.size(), 0.0),
-      zero_kd(KD, 0.0);
+  // dA, dB, dC, dD, dbias: zeroed (accumulated with atomics), or NaN-poisoned in the
+  // deterministic mode (written there).
+  const double init = deterministic ? nan : 0.0;
+  const std::vector<double> nan_rows(rows, nan), init_bc(p.B.size(), init), init_a(p.A.size(), init),
+      init_kd(KD, init);
   DeviceBuffer<TY> y(nan_rows);
   DeviceBuffer<T> du(nan_rows), ddelta(nan_rows);
-  DeviceBuffer<float> dA(zero_a), dB(zero_bc), dC(zero_bc), dD(zero_kd), dbias(zero_kd);
+  DeviceBuffer<float> dA(init_a), dB(init_bc), dC(init_bc), dD(init_kd), dbias(init_kd);
   const int64_t chunks = (L + selective_scan_chunk_cuda() - 1) / selective_scan_chunk_cuda();
-  DeviceBuffer<float> ws(std::vector<double>(Bn * KD * chunks * N, 0.0));
+  DeviceBuffer<float> ws(std::vector<double>(Bn * KD * chunks * N, nan));  // contents ignored
   // Deterministic mode: NaN-poisoned partials (every entry must be written before it is read).
   DeviceBuffer<float> part(std::vector<double>(deterministic ? 2 * Bn * KD * N * L : 0, nan)),
       rowpart(std::vector<double>(deterministic ? Bn * KD * (N + 2) : 0, nan));
