@@ -108,6 +108,17 @@ def op_backward_time(inputs, device, reps, min_seconds):
                    warmup=1, reps=reps, min_seconds=min_seconds)
 
 
+def check_baselines(device):
+    """Every baseline computes the op's function (small inputs, D and delta_bias given)."""
+    inputs = make_inputs(2, 2, 8, 37, 4, device)
+    with torch.no_grad():
+        y = selective_scan(*inputs)
+        for name, fn in (("selective_scan_ref", selective_scan_ref),
+                         ("selective_scan_chunked_ref", lambda *x: selective_scan_chunked_ref(*x, chunk=16)),
+                         ("indexed_loop", indexed_loop)):
+            torch.testing.assert_close(fn(*inputs), y, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -123,6 +134,7 @@ def main():
     min_seconds = 0.2 if args.quick else 1.0
 
     print(environment())
+    check_baselines(device)
     bandwidth = copy_bandwidth(device)
     print(f"{device.type} copy bandwidth (read + write): {bandwidth:.1f} GB/s")
     print("times in ms; GB/s = bytes / time; floor = fraction of the copy bandwidth; "
