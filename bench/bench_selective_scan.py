@@ -11,8 +11,9 @@ achieved GB/s and the fraction of the copy-bandwidth floor, and the ratio to
     scans that ship with Mamba-style code); autograd's backward of each index is a
     full-size tensor, so its backward grows about quadratically in L (minutes at
     S stage 0, batch 8),
-all measured in the same run. Times are the best of several runs (the loops: one run
-after no warm-up). Bytes moved (KERNELS.md), e = element size:
+all measured in the same run, fwd+bwd for the loops. Times are the best of several runs
+(the sequential loop: best of 2 after a warm-up; the indexed loop: one run). Bytes moved
+(KERNELS.md), e = element size:
   forward  (3 B*KD*L + 2 B*K*N*L) * e     (read u, delta, B, C; write y)
   backward (5 B*KD*L + 4 B*K*N*L) * e     (read u, delta, dy, B, C; write du, ddelta, dB, dC)
 
@@ -44,7 +45,8 @@ SHAPES = [
 ]
 CHUNKS = (16, 32)
 # The loops run at most this many steps; longer shapes are timed at this length and scaled
-# up in proportion (their cost per step does not depend on L), labelled, e.g. "(L=3136 x1.31)".
+# up in proportion, labelled, e.g. "(L=3136 x1.31)": exact for the sequential loop (its cost
+# per step does not depend on L), an underestimate for the indexed loop (quadratic backward).
 LOOP_MAX_LENGTH = 3136
 
 
