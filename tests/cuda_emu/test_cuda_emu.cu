@@ -222,4 +222,23 @@ TEST(CudaEmulator, BFloat16ConversionsRoundToNearestEven) {
   }
 }
 
+// The --use_fast_math expf (translate.py --fast-math): 2^p of the float product
+// p = x * log2(e) (log2(e) itself rounded to float), so off exp(x) by up to about
+// |x| * 2^-23 relative (the rounding of p, and of the constant); denormal results are 0.
+TEST(CudaEmulator, FastExpfRoundsAsTheIntrinsic) {
+  EXPECT_EQ(qm_emu::fast_expf(0.f), 1.f);
+  EXPECT_EQ(qm_emu::fast_expf(-100.f), 0.f);  // e^-100 = 3.7e-44, a denormal float
+  EXPECT_GT(qm_emu::fast_expf(-87.f), 0.f);
+  EXPECT_TRUE(std::isinf(qm_emu::fast_expf(89.f)));
+  std::mt19937 gen(3);
+  std::uniform_real_distribution<float> dist(-87.f, 88.f);
+  for (int i = 0; i < 200000; ++i) {
+    const float x = dist(gen);
+    const double p = static_cast<float>(x * 1.44269504088896341f);
+    const double got = qm_emu::fast_expf(x), exact = std::exp(static_cast<double>(x));
+    ASSERT_LE(std::fabs(got - std::exp2(p)), 0x1p-23 * std::exp2(p)) << "x = " << x;  // exp2f: < 1 ulp
+    ASSERT_LE(std::fabs(got - exact), (std::fabs(x) * 0x1p-23 + 0x1p-22) * exact) << "x = " << x;
+  }
+}
+
 }  // namespace

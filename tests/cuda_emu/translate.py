@@ -4,8 +4,11 @@
     kernel<T, 1><<<grid, block, smem, stream>>>(args)
  -> ::qm_emu::launcher(kernel<T, 1>, grid, block, smem, stream)(args)
 
-Usage: python translate.py IN.cu OUT.cpp. Line numbers are kept (#line), so compiler
-messages and sanitizer reports point into IN.cu.
+With --fast-math (the CUDA builds compile with --use_fast_math) every call of expf becomes
+::qm_emu::fast_expf, which rounds as the __expf intrinsic does.
+
+Usage: python translate.py [--fast-math] IN.cu OUT.cpp. Line numbers are kept (#line), so
+compiler messages and sanitizer reports point into IN.cu.
 """
 from __future__ import annotations
 
@@ -15,18 +18,23 @@ from pathlib import Path
 
 # A kernel name with an optional template argument list (no nested <>), then <<<...>>>.
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>", re.S)
+EXPF = re.compile(r"(?<![\w:.])expf\s*\(")
 
 
-def translate(text: str, name: str) -> str:
+def translate(text: str, name: str, fast_math: bool = False) -> str:
     body = LAUNCH.sub(lambda m: f"::qm_emu::launcher({m[1]}, {m[2]})", text)
     if "<<<" in body:
         raise SystemExit(f"{name}: a kernel launch was not recognised")
+    if fast_math:
+        body = EXPF.sub("::qm_emu::fast_expf(", body)
     return f'#line 1 "{name}"\n{body}'
 
 
 def main() -> None:
-    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    text = translate(src.read_text(), str(src.resolve()))
+    args = sys.argv[1:]
+    fast_math = "--fast-math" in args
+    src, dst = (Path(a) for a in args if a != "--fast-math")
+    text = translate(src.read_text(), str(src.resolve()), fast_math)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(text)
 

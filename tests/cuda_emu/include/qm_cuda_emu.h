@@ -22,8 +22,12 @@
 //     alignment (UndefinedBehaviorSanitizer catches misaligned vector accesses).
 //   - __half / __nv_bfloat16 are 16-bit storage types converted with round-to-nearest-even,
 //     as the CUDA intrinsics __float2half_rn / __float2bfloat16_rn do.
-// Not modelled: timing, memory ordering between blocks, --use_fast_math (expf and friends
-// are the C library's), dynamic shared memory, more than one device.
+//   - --use_fast_math, as the CUDA builds compile: translate.py --fast-math turns the
+//     kernels' expf into qm_emu::fast_expf, which rounds like __expf (x * log2(e) rounded to
+//     float, then 2^p; results below FLT_MIN flushed to zero).
+// Not modelled: timing, memory ordering between blocks, the other effects of --use_fast_math
+// (approximate division and square root, ex2.approx's own ~2 ulp, denormal inputs flushed,
+// contraction into FMA), dynamic shared memory, more than one device.
 #pragma once
 
 #include <math.h>
@@ -91,6 +95,14 @@ struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
 namespace qm_emu {
+
+// expf under --use_fast_math (__expf = ex2.approx.ftz(x * log2(e))): the product rounded to
+// float (the main error: up to about |x| * 2^-23 relative), 2^p, denormal results flushed to zero.
+inline float fast_expf(float x) {
+  const float p = x * 1.44269504088896341f;
+  const float r = exp2f(p);
+  return r < 1.17549435e-38f ? 0.f : r;
+}
 
 [[noreturn]] inline void fail(const std::string& what) {
   std::fprintf(stderr, "CUDA emulator: %s\n", what.c_str());
