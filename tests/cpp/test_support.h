@@ -84,8 +84,8 @@ std::vector<T> as(const std::vector<S>& v) {
 }
 
 #if defined(QUADMAMBA_WITH_CUDA)
-// A device array of n elements T, filled from a host vector of any element type (converted
-// with convert<T>); get() reads it back.
+// A device array of n elements T, filled from a host vector of any element type (as<T>);
+// get() reads it back.
 template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
@@ -93,8 +93,7 @@ struct DeviceBuffer {
 
   template <typename S>
   explicit DeviceBuffer(const std::vector<S>& host) : n(host.size()) {
-    std::vector<T> h(n);
-    for (size_t i = 0; i < n; ++i) h[i] = convert<T>(host[i]);
+    const std::vector<T> h = as<T>(host);
     EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
     if (n) EXPECT_EQ(cudaMemcpy(ptr, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
   }
