@@ -241,4 +241,24 @@ TEST(CudaEmulator, FastExpfRoundsAsTheIntrinsic) {
   }
 }
 
+// nvcc contracts a * b + c into one fused multiply-add by default (--fmad=true), and the
+// emulated kernels are compiled so too where the host CPU has FMA (CMake defines
+// QM_EMU_FMA_CONTRACTED then). a = 1 + 2^-12: a * a = 1 + 2^-11 + 2^-24 rounds (to even) to
+// 1 + 2^-11, so the product rounded apart gives a * a - (1 + 2^-11) = 0, fused 2^-24.
+__global__ void multiply_add(const float* a, const float* c, float* out) {
+  out[threadIdx.x] = a[threadIdx.x] * a[threadIdx.x] + c[threadIdx.x];
+}
+
+TEST(CudaEmulator, MultiplyAddsContractAsNvccWhereTheHostHasFma) {
+#if defined(QM_EMU_FMA_CONTRACTED)
+  const float expected = 0x1p-24f;
+#else
+  const float expected = 0.f;
+#endif
+  Device<float> a(32, 1.f + 0x1p-12f), c(32, -(1.f + 0x1p-11f)), out(32, NAN);
+  multiply_add<<<1, 32>>>(a.ptr, c.ptr, out.ptr);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  for (float v : out.get()) EXPECT_EQ(v, expected);
+}
+
 }  // namespace
