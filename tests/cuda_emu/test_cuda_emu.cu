@@ -261,4 +261,29 @@ TEST(CudaEmulator, MultiplyAddsContractAsNvccWhereTheHostHasFma) {
   for (float v : out.get()) EXPECT_EQ(v, expected);
 }
 
+// --use_fast_math's -ftz=true: translate.py --fast-math launches kernels through
+// fast_math_launcher, which flushes denormal inputs and results of float arithmetic to zero
+// while the kernel runs (and only then).
+__global__ void scale(const float* x, float s, float* out) { out[threadIdx.x] = x[threadIdx.x] * s; }
+
+TEST(CudaEmulator, FastMathLaunchesFlushDenormals) {
+  const float denormal = 0x1p-140f, small = 0x1p-70f;  // small * small = 2^-140: denormal
+  Device<float> d(32, denormal), s(32, small), n(32, 3.f), out(32, NAN);
+  const auto all = [&](float want) {
+    for (float v : out.get()) ASSERT_EQ(v, want);
+  };
+  scale<<<1, 32>>>(d.ptr, 1.f, out.ptr);  // a plain launch keeps denormals
+  all(denormal);
+  scale<<<1, 32>>>(s.ptr, small, out.ptr);
+  all(denormal);
+  ::qm_emu::fast_math_launcher(scale, 1, 32)(d.ptr, 1.f, out.ptr);  // denormal input: 0
+  all(0.f);
+  ::qm_emu::fast_math_launcher(scale, 1, 32)(s.ptr, small, out.ptr);  // denormal result: 0
+  all(0.f);
+  ::qm_emu::fast_math_launcher(scale, 1, 32)(n.ptr, 2.f, out.ptr);
+  all(6.f);
+  volatile float host = small;  // the host's arithmetic after the launch is unchanged
+  EXPECT_EQ(host * host, denormal);
+}
+
 }  // namespace

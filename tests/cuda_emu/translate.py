@@ -5,7 +5,8 @@
  -> ::qm_emu::launcher(kernel<T, 1>, grid, block, smem, stream)(args)
 
 With --fast-math (the CUDA builds compile with --use_fast_math) every call of expf becomes
-::qm_emu::fast_expf, which rounds as the __expf intrinsic does.
+::qm_emu::fast_expf, which rounds as the __expf intrinsic does, and every launch goes through
+::qm_emu::fast_math_launcher, which flushes denormals to zero during the kernel (-ftz=true).
 
 Usage: python translate.py [--fast-math] IN.cu OUT.cpp. Line numbers are kept (#line), so
 compiler messages and sanitizer reports point into IN.cu.
@@ -22,7 +23,8 @@ EXPF = re.compile(r"(?<![\w:.])expf\s*\(")
 
 
 def translate(text: str, name: str, fast_math: bool = False) -> str:
-    body = LAUNCH.sub(lambda m: f"::qm_emu::launcher({m[1]}, {m[2]})", text)
+    launcher = "::qm_emu::fast_math_launcher" if fast_math else "::qm_emu::launcher"
+    body = LAUNCH.sub(lambda m: f"{launcher}({m[1]}, {m[2]})", text)
     if "<<<" in body:
         raise SystemExit(f"{name}: a kernel launch was not recognised")
     if fast_math:

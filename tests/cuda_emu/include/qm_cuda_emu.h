@@ -24,10 +24,14 @@
 //     as the CUDA intrinsics __float2half_rn / __float2bfloat16_rn do.
 //   - --use_fast_math, as the CUDA builds compile: translate.py --fast-math turns the
 //     kernels' expf into qm_emu::fast_expf, which rounds like __expf (x * log2(e) rounded to
-//     float, then 2^p; results below FLT_MIN flushed to zero).
-// Not modelled: timing, memory ordering between blocks, the other effects of --use_fast_math
-// (approximate division and square root, ex2.approx's own ~2 ulp, denormal inputs flushed,
-// contraction into FMA), dynamic shared memory, more than one device.
+//     float, then 2^p; results below FLT_MIN flushed to zero), and their launches into
+//     fast_math_launcher, which runs the kernel with denormal inputs and results of float
+//     arithmetic flushed to zero (-ftz=true; the x86 MXCSR FTZ + DAZ bits, aarch64's FPCR.FZ).
+//   - nvcc contracts multiply-adds into FMAs by default: where the host CPU has FMA, CMake
+//     compiles the emulated kernels with FMA contraction (the compiler picks which ones).
+// Not modelled: timing, memory ordering between blocks, the rest of --use_fast_math
+// (approximate division and square root, ex2.approx's own ~2 ulp), dynamic shared memory,
+// more than one device.
 #pragma once
 
 #include <math.h>
@@ -400,25 +404,73 @@ inline void run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<
   active() = nullptr;
 }
 
+// While alive, float arithmetic on this thread flushes denormal inputs and results to zero
+// (as CUDA's -ftz=true, part of --use_fast_math). Set before a launch creates its fibers:
+// their contexts (getcontext / swapcontext) carry the floating-point control register.
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned csr;
+    __asm__ volatile("stmxcsr %0" : "=m"(csr));
+    saved_ = csr;
+    csr |= (1u << 15) | (1u << 6);  // FTZ, DAZ
+    __asm__ volatile("ldmxcsr %0" : : "m"(csr));
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(fpcr));
+    saved_ = fpcr;
+    fpcr |= uint64_t{1} << 24;  // FZ
+    __asm__ volatile("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned csr = static_cast<unsigned>(saved_);
+    __asm__ volatile("ldmxcsr %0" : : "m"(csr));
+#elif defined(__aarch64__)
+    __asm__ volatile("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+  uint64_t saved_ = 0;
+};
+
 template <typename... P>
 struct Launcher {
   void (*kernel)(P...);
   dim3 grid, block;
   size_t shared_bytes;
+  bool flush_denormals;
   template <typename... A>
   void operator()(A&&... args) const {
     // The arguments are converted to the parameter types once, as for a launch; every
     // thread's call copies them.
     const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     const std::function<void()> body = [&] { std::apply(kernel, params); };
-    run(grid, block, shared_bytes, body);
+    if (flush_denormals) {
+      FlushDenormals ftz;
+      run(grid, block, shared_bytes, body);
+    } else {
+      run(grid, block, shared_bytes, body);
+    }
   }
 };
 
 template <typename... P>
 Launcher<P...> launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes = 0,
                         cudaStream_t = nullptr) {
-  return Launcher<P...>{kernel, grid, block, shared_bytes};
+  return Launcher<P...>{kernel, grid, block, shared_bytes, false};
+}
+
+// The launch of a kernel compiled with --use_fast_math (translate.py --fast-math).
+template <typename... P>
+Launcher<P...> fast_math_launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes = 0,
+                                  cudaStream_t = nullptr) {
+  return Launcher<P...>{kernel, grid, block, shared_bytes, true};
 }
 
 inline Fiber& in_kernel(const char* what) {
