@@ -269,6 +269,25 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_torch_export_matches_eager():
+    """torch.export of the eval model: every fused op is one node of the flat graph (the
+    scans are not wrapped in autocast regions when autocast is off); same outputs, also for
+    another batch size."""
+    torch.manual_seed(0)
+    model = nano(kernels="fused").eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {t for t in targets if t.startswith("quadmamba.")} == {
+        "quadmamba.selective_scan.default", "quadmamba.quad_scan.default", "quadmamba.quad_merge.default",
+        "quadmamba.cross_scan.default", "quadmamba.cross_merge.default"}
+    assert "wrap_with_autocast" not in targets
+    for batch in (2, 3):
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(images), model(images), rtol=1e-5, atol=1e-5)
+
+
 def test_config_round_trip_and_errors():
     model = nano(num_classes=5, drop_path_rate=0.1, gumbel_tau=0.5)
     rebuilt = QuadMamba(QuadMambaConfig(**asdict(model.config)))

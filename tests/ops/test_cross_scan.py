@@ -125,6 +125,18 @@ def test_torch_compile_fullgraph():
     assert torch.equal(x.grad, torch.full_like(x, 12.0))
 
 
+def test_torch_export_one_node_per_op():
+    class ScanMerge(torch.nn.Module):
+        def forward(self, x):
+            return cross_merge(cross_scan(x) * 3, (4, 6))
+
+    x = torch.randn(2, 3, 4, 6)
+    program = torch.export.export(ScanMerge(), (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == ["quadmamba.cross_scan.default", "aten.mul.Tensor", "quadmamba.cross_merge.default"]
+    assert torch.equal(program.module()(x), 12 * x)
+
+
 def test_bad_inputs():
     x = torch.randn(2, 3, 4, 5)
     ys = torch.randn(2, 4, 3, 20)

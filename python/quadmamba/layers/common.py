@@ -56,10 +56,13 @@ def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
     capture (torch.compile / export, tracing).
     """
     chunk = INFERENCE_CHUNK_TOKENS
+    # The flags first: under graph capture the sizes are symbolic, and comparing them would
+    # add a guard on them (torch.export with a dynamic batch would then bound the batch).
+    if (chunk <= 0 or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or x.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+        return fn(x)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (chunk <= 0 or tokens <= chunk or x.device.type != "cpu"
-            or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if tokens <= chunk:
         return fn(x)
     if x.dim() == 2 or x.is_contiguous():              # chunks of the flattened tokens (views)
         parts = (x if x.dim() == 2 else x.view(tokens, x.shape[-1])).split(chunk)

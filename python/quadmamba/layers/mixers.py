@@ -11,7 +11,6 @@ Scan core, direction k of K, token t:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -27,12 +26,6 @@ QUAD_SCANS = ("quadtree", "raster")
 COMPATS = ("paper", "official")
 
 
-def _autocast_off(device: torch.device):
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class SelectiveScan(nn.Module):
     """The selective scan (no parameters), always in float32, even under autocast.
 
@@ -44,9 +37,16 @@ class SelectiveScan(nn.Module):
         self.fn = fn
 
     def forward(self, u, delta, A, B, C, D, delta_bias):
-        with _autocast_off(u.device):
-            f32 = [t.float() for t in (u, delta, A, B, C, D, delta_bias)]
-            return self.fn(*f32, delta_softplus=True)
+        device = u.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            with torch.autocast(device_type=device, enabled=False):
+                return self._scan(u, delta, A, B, C, D, delta_bias)
+        # Without autocast no context at all: traced graphs (torch.export) stay flat, the
+        # op a node of its own rather than inside an autocast region.
+        return self._scan(u, delta, A, B, C, D, delta_bias)
+
+    def _scan(self, *tensors):
+        return self.fn(*[t.float() for t in tensors], delta_softplus=True)
 
 
 class _SSMBase(nn.Module):
