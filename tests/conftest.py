@@ -35,3 +35,12 @@ def run_portable():
             env=env, capture_output=True, text=True, timeout=600,
         )
     return run
+
+
+@pytest.fixture
+def export_targets():
+    """export_targets(program): the call_function targets of a torch.export program's graph,
+    in order, as strings (e.g. "quadmamba.selective_scan.default")."""
+    def targets(program):
+        return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    return targets

@@ -199,11 +199,7 @@ def test_torch_compile_fullgraph_forward_backward():
         torch.testing.assert_close(a.grad, b.grad, msg=lambda m: f"d{name}: {m}")
 
 
-def _call_targets(program):
-    return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
-
-
-def test_torch_export_one_op_with_dynamic_batch_and_length():
+def test_torch_export_one_op_with_dynamic_batch_and_length(export_targets):
     _seed()
     inputs = make_inputs(2, 2, 4, 1, 16, "both", True, dtype=torch.float32)
 
@@ -214,7 +210,7 @@ def test_torch_export_one_op_with_dynamic_batch_and_length():
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     seq, grouped = {0: batch, 2: length}, {0: batch, 3: length}
     program = torch.export.export(Scan(), tuple(inputs), dynamic_shapes=(seq, seq, None, grouped, grouped, None, None))
-    assert _call_targets(program) == ["quadmamba.selective_scan.default"]
+    assert export_targets(program) == ["quadmamba.selective_scan.default"]
     other = make_inputs(3, 2, 4, 1, 37, "both", True, dtype=torch.float32)
     other[2], other[5], other[6] = inputs[2], inputs[5], inputs[6]  # the parameters are fixed
     assert torch.equal(program.module()(*other), Scan()(*other))

@@ -404,12 +404,13 @@ inline void run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<
   active() = nullptr;
 }
 
-// While alive, float arithmetic on this thread flushes denormal inputs and results to zero
-// (as CUDA's -ftz=true, part of --use_fast_math). Set before a launch creates its fibers:
-// their contexts (getcontext / swapcontext) carry the floating-point control register.
+// While alive and `enabled`, float arithmetic on this thread flushes denormal inputs and
+// results to zero (as CUDA's -ftz=true, part of --use_fast_math). Set before a launch creates
+// its fibers: their contexts (getcontext / swapcontext) carry the floating-point control register.
 class FlushDenormals {
  public:
-  FlushDenormals() {
+  explicit FlushDenormals(bool enabled) : enabled_(enabled) {
+    if (!enabled_) return;
 #if defined(__x86_64__) || defined(__i386__)
     unsigned csr;
     __asm__ volatile("stmxcsr %0" : "=m"(csr));
@@ -425,6 +426,7 @@ class FlushDenormals {
 #endif
   }
   ~FlushDenormals() {
+    if (!enabled_) return;
 #if defined(__x86_64__) || defined(__i386__)
     unsigned csr = static_cast<unsigned>(saved_);
     __asm__ volatile("ldmxcsr %0" : : "m"(csr));
@@ -436,6 +438,7 @@ class FlushDenormals {
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 
  private:
+  bool enabled_;
   uint64_t saved_ = 0;
 };
 
@@ -451,12 +454,8 @@ struct Launcher {
     // thread's call copies them.
     const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     const std::function<void()> body = [&] { std::apply(kernel, params); };
-    if (flush_denormals) {
-      FlushDenormals ftz;
-      run(grid, block, shared_bytes, body);
-    } else {
-      run(grid, block, shared_bytes, body);
-    }
+    const FlushDenormals ftz(flush_denormals);
+    run(grid, block, shared_bytes, body);
   }
 };
 
