@@ -66,7 +66,7 @@ fi
 step build 300 bash -c "cmake -S . -B build/gpu ${cmake_args[*]} && cmake --build build/gpu -j$(nproc) \
   && cp build/gpu/_C*.so python/quadmamba/"
 export PYTHONPATH=$PWD/python QUADMAMBA_CPP_TEST_DIR=$PWD/build/gpu/cpp_tests
-step cuda-available 60 "$PY" -c "import quadmamba, sys; print('cuda_available', quadmamba.cuda_available()); sys.exit(0 if quadmamba.cuda_available() else 1)"
+step cuda-available 60 "$PY" -c "import quadmamba, sys; s = quadmamba.cuda_status(); print(s); sys.exit(0 if s['usable'] else 1)"
 
 for t in "${CPP_TESTS[@]}"; do
   if [ -x "build/gpu/cpp_tests/$t" ]; then step "cpp $t" 120 "build/gpu/cpp_tests/$t" --gtest_brief=1

@@ -1,20 +1,28 @@
-// cuda_device_count for CUDA builds. Without a driver cudaGetDeviceCount returns
-// an error (e.g. cudaErrorInsufficientDriver / cudaErrorNoDevice) and leaves its
-// output untouched: both read as "no device".
+// cuda_status / cuda_device_count for CUDA builds (contract in quadmamba/common.h).
+// Without a driver, or with one older than the linked runtime, cudaGetDeviceCount returns an
+// error (cudaErrorInsufficientDriver, cudaErrorNoDevice, ...) and leaves its output untouched:
+// no usable device, and the runtime's message says why.
 #include <cuda_runtime.h>
 
 #include "quadmamba/common.h"
 
 namespace quadmamba {
 
-int cuda_device_count() {
+CudaStatus cuda_status() {
+  CudaStatus s;
+  cudaRuntimeGetVersion(&s.runtime_version);  // the linked runtime: needs no driver
+  if (cudaDriverGetVersion(&s.driver_version) != cudaSuccess) s.driver_version = 0;
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the sticky error state
-    return 0;
+    s.error = cudaGetErrorString(err);
+    count = 0;
   }
-  return count;
+  s.device_count = count;
+  return s;
 }
+
+int cuda_device_count() { return cuda_status().device_count; }
 
 }  // namespace quadmamba

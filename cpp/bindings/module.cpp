@@ -78,8 +78,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cuda_built", [] { return quadmamba::cuda_built(); },
         "Whether the CUDA kernels were compiled into this build.");
-  m.def("cuda_device_count", [] { return quadmamba::cuda_device_count(); },
-        "Number of usable CUDA devices (0 without a build, driver or device).");
+  m.def("cuda_status", [] {
+    const quadmamba::CudaStatus s = quadmamba::cuda_status();
+    py::dict d;
+    d["runtime_version"] = s.runtime_version;
+    d["driver_version"] = s.driver_version;
+    d["device_count"] = s.device_count;
+    d["error"] = s.error;
+    return d;
+  }, "What the linked CUDA runtime finds: runtime_version and driver_version (1000 * major + 10 * minor; "
+     "0: CPU-only build / no driver), device_count (usable devices), error (the runtime's message, or '').");
   m.def("cpu_isa", [] {
     py::dict d;
     d["selective_scan"] = quadmamba::selective_scan_cpu_isa();

@@ -47,8 +47,14 @@ def kernel_status() -> List[str]:
     else:
         import quadmamba
         lines.append("compiled core: yes")
-        lines.append(f"CPU kernels: yes; CUDA kernels built: {'yes' if quadmamba.cuda_built() else 'no'}; "
-                     f"CUDA usable now: {'yes' if quadmamba.cuda_available() else 'no'}")
+        cuda = quadmamba.cuda_status()
+        lines.append(f"CPU kernels: yes; CUDA kernels built: {'yes' if cuda['built'] else 'no'}; "
+                     f"CUDA usable now: {'yes' if cuda['usable'] else 'no'}")
+        if cuda["built"]:
+            lines.append(f"CUDA runtime (linked in): {cuda['runtime']}; NVIDIA driver supports CUDA: "
+                         f"{cuda['driver'] or 'no driver'}; devices: {cuda['devices']}")
+        if cuda["reason"] is not None:
+            lines.append(f"CUDA: {cuda['reason']}")
         isa = core().cpu_isa()
         lines.append(f"CPU instruction sets: selective scan {isa['selective_scan']}, quad scan {isa['quad_scan']} "
                      f"(QUADMAMBA_CPU_GENERIC=1 turns AVX off, =2 all x86 intrinsics); threads: {torch.get_num_threads()}")

@@ -73,4 +73,22 @@ TEST(Parallel, FollowsTheThreadLimitWithoutOpenMP) {
 TEST(Device, CountIsZeroWithoutCudaBuild) {
   if (cuda_built()) GTEST_SKIP() << "CUDA build: device count depends on the machine";
   EXPECT_EQ(cuda_device_count(), 0);
+  const CudaStatus s = cuda_status();
+  EXPECT_EQ(s.runtime_version, 0);
+  EXPECT_EQ(s.driver_version, 0);
+  EXPECT_EQ(s.device_count, 0);
+  EXPECT_EQ(s.error, "");
+}
+
+TEST(Device, StatusOfCudaBuildSaysWhyThereIsNoDevice) {
+  if (!cuda_built()) GTEST_SKIP() << "CPU-only build";
+  const CudaStatus s = cuda_status();
+  EXPECT_GE(s.runtime_version, 11000);  // the linked runtime answers without a driver
+  EXPECT_EQ(s.device_count, cuda_device_count());
+  if (s.device_count == 0) {
+    EXPECT_NE(s.error, "") << "no device and no reason";
+  } else {
+    EXPECT_EQ(s.error, "");
+    EXPECT_GE(s.driver_version / 1000, s.runtime_version / 1000) << "a device with a driver older than the runtime";
+  }
 }

@@ -112,8 +112,19 @@ constexpr bool cuda_built() {
 #endif
 }
 
-// Number of usable CUDA devices: 0 in a CPU-only build and on machines without a
-// driver or a device (the runtime's errors are read as "no device").
+// What the CUDA runtime linked into this build finds on this machine. A CUDA build
+// links the runtime statically, so it needs an NVIDIA driver that supports that runtime's
+// version (CUDA 13 needs driver release 580 or newer), whatever PyTorch's own runtime is.
+struct CudaStatus {
+  int runtime_version = 0;  // the linked runtime, 1000 * major + 10 * minor (13000: 13.0); 0: CPU-only build
+  int driver_version = 0;   // the newest CUDA version the installed driver supports, same form; 0: no driver
+  int device_count = 0;     // usable devices
+  std::string error;        // the runtime's message when it finds no usable device ("" otherwise)
+};
+CudaStatus cuda_status();
+
+// Number of usable CUDA devices: cuda_status().device_count (0 in a CPU-only build and on
+// machines without a suitable driver or a device).
 int cuda_device_count();
 
 }  // namespace quadmamba
