@@ -30,13 +30,30 @@ class CommandError(Exception):
 # ---------------------------------------------------------------------------------------------
 # argument definitions
 # ---------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
+def _integer_at_least(minimum: int, word: str):
+    """An argparse type: an integer >= minimum (word: how the message names such integers)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {word} integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {word} integer, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _integer_at_least(1, "positive")
+_non_negative_int = _integer_at_least(0, "non-negative")
+
+
+def _positive_seconds(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
     return value
 
 
@@ -45,12 +62,13 @@ def _add_train_options(p: argparse.ArgumentParser, *, ablation: bool) -> None:
     option can be told apart from a default (needed by --resume)."""
     p.add_argument("--model", help="variant name (default quadmamba_nano; see `quadmamba info`)")
     p.add_argument("--data", help="ImageFolder directory (class per sub-folder, or train/ and val/ "
-                                  "sub-folders); default: scikit-learn's bundled digits")
+                                  "sub-folders); default (or 'digits' where no such folder exists): "
+                                  "scikit-learn's bundled digits")
     p.add_argument("--epochs", type=_positive_int, help="epochs (default 20)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 2e-3)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up, in epochs (default 1)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up, in epochs (default 1; at most half the run)")
     p.add_argument("--label-smoothing", type=float, help="default 0.1")
     p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the variant's)")
     p.add_argument("--clip-grad", type=float, help="gradient-norm clip, 0 = off (default 5)")
@@ -59,16 +77,17 @@ def _add_train_options(p: argparse.ArgumentParser, *, ablation: bool) -> None:
                                                 f"for the digits, {FOLDER_IMG_SIZE} for folders)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast")
-    p.add_argument("--seed", type=int, help="seed of the split, initialisation and data order (default 0)")
+    p.add_argument("--seed", type=_non_negative_int,
+                   help="seed of the split, initialisation and data order (default 0)")
     p.add_argument("--kernels", choices=("fused", "reference"),
                    help="fused kernels or the plain-PyTorch reference ops (default fused)")
     if not ablation:
         p.add_argument("--quad-scan", choices=("quadtree", "raster"),
                        help="quadtree scan (default) or the raster-scan ablation (same parameters)")
     p.add_argument("--val-fraction", type=float, help="held-out share of the split (default 0.2)")
-    p.add_argument("--train-limit", type=int, help="use only the first N training images (quick runs)")
-    p.add_argument("--test-limit", type=int, help="use only the first N held-out images (quick runs)")
-    p.add_argument("--workers", type=int, help="data-loading processes (default 0)")
+    p.add_argument("--train-limit", type=_non_negative_int, help="use only the first N training images (quick runs)")
+    p.add_argument("--test-limit", type=_non_negative_int, help="use only the first N held-out images (quick runs)")
+    p.add_argument("--workers", type=_non_negative_int, help="data-loading processes (default 0)")
     p.add_argument("--output", "-o", default=None,
                    help=f"run directory (default {DEFAULT_OUTPUT}{'-ablation' if ablation else ''})")
     p.add_argument("--force", action="store_true", help="overwrite a previous run in --output")
@@ -83,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier; writes checkpoint.pt, metrics.csv, curves.png",
                        description="Train a QuadMamba classifier. With no arguments: quadmamba_nano on "
                                    "scikit-learn's digits (8x8 upscaled to 32x32, 1 channel, stratified "
-                                   "20%% held out with seed 0) on the CPU.")
+                                   "20% held out with seed 0) on the CPU.")
     _add_train_options(p, ablation=False)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last completed epoch")
@@ -91,13 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1/top-5 and a confusion-matrix PNG of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `quadmamba train`")
-    p.add_argument("--data", help="ImageFolder directory (default: the checkpoint's own held-out split)")
+    p.add_argument("--data", help="test images: an ImageFolder directory, every image scored (its val/ "
+                                  "when it has train/ and val/); default: the checkpoint's own held-out split")
     p.add_argument("--output", "-o", help="confusion-matrix PNG (default: confusion.png beside the checkpoint)")
     p.add_argument("--model", help="refuse a checkpoint of another variant")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernels", choices=("fused", "reference"), default="fused")
-    p.add_argument("--test-limit", type=int, default=0, help="use only the first N held-out images")
+    p.add_argument("--test-limit", type=_non_negative_int, default=0,
+                   help="use only the first N test images (default 0: all)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("visualize", help="draw the quadtree partitions a checkpoint picks on an image")
@@ -119,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--train", action="store_true", help="time forward + backward instead of inference")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=_non_negative_int, default=2)
     p.add_argument("--iters", type=_positive_int, default=10)
-    p.add_argument("--max-seconds", type=float, default=30.0, help="time budget per kernel set")
+    p.add_argument("--max-seconds", type=_positive_seconds, default=30.0, help="time budget per kernel set")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="variants table and the kernels of this install")
@@ -151,17 +172,33 @@ def _explicit(args) -> dict:
 
 
 def _train_config(args, **fixed):
+    from quadmamba.data import DIGITS
     from quadmamba.train import TrainConfig
 
     given = _explicit(args)
     given.update(fixed)
     if "model" in given:
         _check_model(given["model"])
-    if given.get("data") is not None and "img_size" not in given:
-        given["img_size"] = FOLDER_IMG_SIZE
-    if given.get("data") is not None and not os.path.isdir(given["data"]):
-        raise CommandError(f"data folder not found: {given['data']}")
+    data = _data_source(given.get("data"))
+    if data is not None:
+        given["data"] = data
+        if data != DIGITS:
+            given.setdefault("img_size", FOLDER_IMG_SIZE)
     return TrainConfig(**given)
+
+
+def _data_source(data: Optional[str]) -> Optional[str]:
+    """--data as the library takes it: a folder as its absolute path (a folder named "digits"
+    included), "digits" for the bundled digits where no such folder exists, None if absent."""
+    from quadmamba.data import DIGITS
+
+    if data is None:
+        return None
+    if os.path.isdir(data):
+        return os.path.abspath(data)
+    if data == DIGITS:
+        return DIGITS
+    raise CommandError(f"data folder not found: {data}")
 
 
 def _check_model(name: str) -> None:
@@ -193,9 +230,15 @@ def cmd_train(args) -> int:
 def cmd_ablation(args) -> int:
     from quadmamba.train import run_training
 
+    from quadmamba.train import CHECKPOINT_NAME
+
     output = args.output or DEFAULT_OUTPUT + "-ablation"
     results = {}
     configs = {scan: _train_config(args, quad_scan=scan) for scan in ("quadtree", "raster")}
+    done = [scan for scan in configs if os.path.exists(os.path.join(output, scan, CHECKPOINT_NAME))]
+    if done and not args.force:
+        raise CommandError(f"{output} already holds an ablation run ({', '.join(done)}); "
+                           "pass --force to start over, or another --output")
     for scan, cfg in configs.items():
         print(f"== {scan} scan ==")
         results[scan] = run_training(cfg, os.path.join(output, scan), force=args.force)
@@ -210,6 +253,8 @@ def cmd_ablation(args) -> int:
 def _check_png_output(path: str) -> None:
     if os.path.isdir(path):
         raise CommandError(f"--output {path} is a directory; give a .png file name")
+    if not path.lower().endswith(".png"):
+        raise CommandError(f"--output {path}: the picture is written as PNG; give a .png file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CommandError(f"cannot write {path}: folder {folder} does not exist")
@@ -224,9 +269,7 @@ def cmd_eval(args) -> int:
     _check_png_output(output)
     if args.model is not None:
         _check_model(args.model)
-    if args.data is not None and not os.path.isdir(args.data):
-        raise CommandError(f"data folder not found: {args.data}")
-    r = evaluate_checkpoint(args.checkpoint, args.data, device=args.device, kernels=args.kernels,
+    r = evaluate_checkpoint(args.checkpoint, _data_source(args.data), device=args.device, kernels=args.kernels,
                             batch_size=args.batch_size, test_limit=args.test_limit, expect_model=args.model)
     plot_confusion(output, r["confusion"], r["classes"],
                    f"{r['model']}: top-1 {100 * r['top1']:.2f}% on {r['count']} images")

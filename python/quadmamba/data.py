@@ -135,6 +135,7 @@ def load_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
 
     try:
         with Image.open(path) as img:
+            img = _to_8bit(img)
             img = img.convert("L" if in_chans == 1 else "RGB")
             img = img.resize((img_size, img_size), Image.BILINEAR)
             array = np.asarray(img, dtype=np.float32) / 255.0
@@ -146,6 +147,30 @@ def load_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
         raise DataError(f"not a readable image: {path} ({type(exc).__name__})") from None
     t = torch.from_numpy(array)
     return t.unsqueeze(0) if in_chans == 1 else t.permute(2, 0, 1).contiguous()
+
+
+def _to_8bit(img):
+    """Images of more than 8 bits per channel (16-bit and 32-bit integer grey, float grey)
+    scaled to 8-bit grey: PIL's convert() would clip them (a 16-bit image turns almost white,
+    a float image in [0, 1] black). Integer images keep their scale (a 16-bit one: / 257);
+    float images are taken as [0, 1] when they lie in it, else stretched from their min to max."""
+    from PIL import Image
+
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return img
+    array = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        lo, hi = float(array.min()), float(array.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("the image has non-finite pixel values")
+        if lo < 0.0 or hi > 1.0:
+            array = (array - lo) / (hi - lo) if hi > lo else np.zeros_like(array)
+        array = array * 255.0
+    elif img.mode.startswith("I;16") or array.max() <= 65535:
+        array = array / 257.0
+    else:
+        array = array / (2**32 - 1) * 255.0
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
 
 
 def _verify_image(path: str) -> None:
@@ -247,18 +272,39 @@ def build_datasets(source: Optional[str], img_size: int, in_chans: Optional[int]
 
 
 def datasets_for_spec(spec: DataSpec, source: Optional[str] = None):
-    """(train, held-out) rebuilt from a checkpoint's DataSpec (optionally on another folder,
-    with the checkpoint's size, channels and normalisation)."""
-    source = spec.source if source is None else source
-    if source == DIGITS:
-        if spec.source != DIGITS:
-            raise DataError("this checkpoint was not trained on the digits")
-        train, test, _ = digits_datasets(spec.img_size, spec.seed, spec.val_fraction)
+    """(train, held-out) rebuilt from a checkpoint's DataSpec, with the checkpoint's size,
+    channels and normalisation.
+
+    source None (or the training data itself): the checkpoint's own split. Another folder
+    is test data: held-out = its val/ sub-folder when it has train/ and val/, else every
+    image in it (train = None); its classes must be the checkpoint's.
+    """
+    if source == DIGITS and spec.source != DIGITS:
+        raise DataError("this checkpoint was not trained on the digits")
+    if source is None or source == DIGITS or _same_folder(source, spec.source):
+        if spec.source == DIGITS:
+            train, test, _ = digits_datasets(spec.img_size, spec.seed, spec.val_fraction)
+            return train, test
+        train, test, new = folder_datasets(spec.source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction)
+        _check_classes(spec, spec.source, new.classes)
         return train, test
-    train, test, new = folder_datasets(source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction)
-    if spec.classes and new.classes != spec.classes:
-        raise DataError(f"data folder {source} has classes {new.classes}, the checkpoint was trained on {spec.classes}")
-    return train, test
+    val_dir = os.path.join(source, "val")
+    if os.path.isdir(os.path.join(source, "train")) and os.path.isdir(val_dir):
+        train, test, new = folder_datasets(source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction)
+        _check_classes(spec, source, new.classes)
+        return train, test
+    classes, samples = scan_folder(source)
+    _check_classes(spec, source, classes)
+    return None, FolderImages(samples, spec.img_size, spec.in_chans, spec.mean, spec.std)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return b != DIGITS and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_classes(spec: DataSpec, source: str, classes: List[str]) -> None:
+    if spec.classes and classes != spec.classes:
+        raise DataError(f"data folder {source} has classes {classes}, the checkpoint was trained on {spec.classes}")
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

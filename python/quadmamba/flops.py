@@ -72,7 +72,9 @@ def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: O
         elif isinstance(module, GlobalAvgPool):
             handles.append(module.register_forward_hook(on_pool))
     counter = FlopCounterMode(display=False)
-    x = torch.empty(batch_size, in_chans, height, width, device="meta")
+    param = next(meta.parameters(), None)   # the input in the model's dtype (a bf16 model takes bf16)
+    x = torch.empty(batch_size, in_chans, height, width, device="meta",
+                    dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
     try:
         with torch.no_grad(), counter:
             meta(x)

@@ -85,8 +85,18 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if not 0 < self.lr < math.inf:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for name, value in (("weight-decay", self.weight_decay), ("warmup-epochs", self.warmup_epochs),
+                            ("clip-grad", self.clip_grad)):
+            if not 0 <= value < math.inf:
+                raise ValueError(f"--{name} must be >= 0, got {value}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"--drop-path must be in [0, 1), got {self.drop_path}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema must be in [0, 1), got {self.ema_decay}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -302,6 +312,9 @@ def load_checkpoint(path: str) -> dict:
     if state.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {state['version']}; "
                               f"this quadmamba reads up to {CHECKPOINT_VERSION}")
+    missing = [k for k in ("model", "config", "data", "train") if not isinstance(state.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(repr(k) for k in missing)} entry")
     return state
 
 
@@ -337,6 +350,7 @@ def plot_curves(path: str, rows: List[dict], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
@@ -347,6 +361,7 @@ def plot_curves(path: str, rows: List[dict], title: str) -> None:
     ax_acc.plot(epochs, [100 * r["test_acc"] for r in rows], "s-", label="held-out")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # whole epochs
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -415,8 +430,10 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr / cfg.lr))
+    # The warm-up takes at most half of the run, so that a short run (e.g. one epoch with the
+    # default one-epoch warm-up) still decays its learning rate.
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total // 2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, cfg.min_lr / cfg.lr))
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     rows: List[dict] = []
     start_epoch = 0
@@ -485,7 +502,10 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
 def evaluate_checkpoint(path: str, data: Optional[str] = None, *, device: str = "cpu",
                         kernels: Optional[str] = None, batch_size: int = 128, test_limit: int = 0,
                         expect_model: Optional[str] = None) -> dict:
-    """Top-1/top-5/confusion of a checkpoint on its held-out split (or another folder's)."""
+    """Top-1/top-5/confusion of a checkpoint on its held-out split, or on another folder
+    (every image of it, or its val/ sub-folder when it has train/ and val/)."""
+    if test_limit < 0:
+        raise ValueError(f"--test-limit must be >= 0 (0: every image), got {test_limit}")
     state = load_checkpoint(path)
     spec = DataSpec.from_dict(state["data"])
     dev = resolve_device(device)
@@ -504,11 +524,14 @@ def plot_confusion(path: str, confusion: torch.Tensor, classes: List[str], title
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     n = len(classes)
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
     im = ax.imshow(confusion.numpy(), cmap="Blues")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.locator = MaxNLocator(integer=True)   # counts
+    bar.update_ticks()
     if n <= 30:
         ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 0)
         ax.set_yticks(range(n), classes)

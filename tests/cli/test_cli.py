@@ -348,3 +348,142 @@ def test_argparse_errors_exit_2(capsys):
         cli.main(["train", "--epochs", "0"])
     assert info.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--label-smoothing", "2", "--label-smoothing must be in [0, 1)"),
+    ("--label-smoothing", "-0.5", "--label-smoothing must be in [0, 1)"),
+    ("--weight-decay", "-1", "--weight-decay must be >= 0"),
+    ("--warmup-epochs", "-1", "--warmup-epochs must be >= 0"),
+    ("--clip-grad", "nan", "--clip-grad must be >= 0"),
+    ("--drop-path", "1.5", "--drop-path must be in [0, 1)"),
+    ("--lr", "inf", "--lr must be > 0"),
+])
+def test_bad_training_values_fail_before_anything_is_written(tmp_path, capsys, option, value, message):
+    out = tmp_path / "run"
+    assert_main_error(run_main(capsys, "train", *TINY, option, value, "-o", out), message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["train", "--seed", "-1"], "--seed: expected a non-negative integer"),
+    (["train", "--workers", "-2"], "--workers: expected a non-negative integer"),
+    (["eval", "--checkpoint", "x.pt", "--test-limit", "-3"], "--test-limit: expected a non-negative integer"),
+    (["bench", "--warmup", "-1"], "--warmup: expected a non-negative integer"),
+    (["bench", "--max-seconds", "nan"], "--max-seconds: expected a positive number of seconds"),
+    (["bench", "--max-seconds", "-1"], "--max-seconds: expected a positive number of seconds"),
+])
+def test_negative_counts_are_argument_errors(capsys, args, fragment):
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_help_texts_have_no_format_escapes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "20% held out" in out and "%%" not in out
+
+
+def test_a_folder_named_digits_is_a_folder(tmp_path, capsys, monkeypatch):
+    """--data digits: the folder ./digits where there is one, else the bundled digits."""
+    make_folder(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_main(capsys, "train", "--data", "digits", "--img-size", 32, "--epochs", 1,
+                                 "--batch-size", 4, "--kernels", "reference", "--output", tmp_path / "run")
+    assert code == 0, err
+    assert "2 classes, 32x32x3" in stdout, stdout
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["data"]["source"] == str(tmp_path / "digits")
+    monkeypatch.chdir(tmp_path / "digits")                       # no ./digits here: the bundled set
+    code, stdout, err = run_main(capsys, "train", "--data", "digits", *TINY, "--epochs", 1,
+                                 "--output", tmp_path / "run2")
+    assert code == 0, err
+    assert "10 classes, 32x32x1" in stdout, stdout
+
+
+def test_eval_on_another_folder_scores_every_image(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "train", "--data", data, "--img-size", 32, "--epochs", 1, "--batch-size", 4,
+                            "--kernels", "reference", "--output", out)
+    assert code == 0, err
+    ckpt = out / "checkpoint.pt"
+    held = run_main(capsys, "eval", "--checkpoint", ckpt, "--data", data, "--kernels", "reference")
+    assert held[0] == 0 and "/2)" in held[1], held                # the training folder: its held-out split
+    test = make_folder(tmp_path / "test", n=3)
+    code, stdout, err = run_main(capsys, "eval", "--checkpoint", ckpt, "--data", test, "--kernels", "reference")
+    assert code == 0, err
+    assert "/6)" in stdout, stdout                                 # another folder: all 6 images
+    code, stdout, err = run_main(capsys, "eval", "--checkpoint", ckpt, "--data", test, "--test-limit", 2,
+                                 "--kernels", "reference")
+    assert code == 0 and "/2)" in stdout, (stdout, err)
+    single = make_folder(tmp_path / "single", n=1)                 # one image per class is enough
+    code, stdout, err = run_main(capsys, "eval", "--checkpoint", ckpt, "--data", single, "--kernels", "reference")
+    assert code == 0 and "/2)" in stdout, (stdout, err)
+    split = make_folder(tmp_path / "split", layout="split", n=2)   # train/ and val/: its val/
+    code, stdout, err = run_main(capsys, "eval", "--checkpoint", ckpt, "--data", split, "--kernels", "reference")
+    assert code == 0 and "/4)" in stdout, (stdout, err)
+    (tmp_path / "other" / "a").mkdir(parents=True)
+    (tmp_path / "other" / "b").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "other" / name / "0.png")
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", ckpt, "--data", tmp_path / "other",
+                               "--kernels", "reference"), "has classes ['a', 'b']", "['left', 'right']")
+
+
+def test_ablation_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "abl"
+    (out / "raster").mkdir(parents=True)
+    (out / "raster" / "checkpoint.pt").write_bytes(b"old")
+    result = run_main(capsys, "ablation", *TINY, "--epochs", 1, "--output", out)
+    assert_main_error(result, "already holds an ablation run (raster)", "--force")
+    assert "--resume" not in result[2]
+    assert not (out / "quadtree").exists()
+
+
+def test_pictures_are_png_only(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    for args in (["eval", "--checkpoint", run / "checkpoint.pt"],
+                 ["visualize", "--checkpoint", run / "checkpoint.pt", "--sample", "china"]):
+        assert_main_error(run_main(capsys, *args, "--kernels", "reference", "-o", tmp_path / "out.pdf"),
+                          "out.pdf", "give a .png file name")
+    assert not (tmp_path / "out.pdf").exists()
+
+
+def test_incomplete_checkpoint_is_a_clean_error(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["data"]
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    assert_main_error(run_main(capsys, "eval", "--checkpoint", broken, "--kernels", "reference"),
+                      "is incomplete", "'data'")
+
+
+def test_one_epoch_run_still_decays_its_learning_rate(tmp_path):
+    """The default one-epoch warm-up takes at most half of a run: a one-epoch run peaks
+    half-way and ends near the minimum learning rate."""
+    cfg = TrainConfig(kernels="reference", epochs=1, batch_size=16, train_limit=64, test_limit=16)
+    run_training(cfg, str(tmp_path / "run"), log=lambda line: None)
+    _, rows = read_metrics(tmp_path / "run")
+    assert float(rows[-1]["lr"]) < 0.5 * cfg.lr, rows
+
+
+def test_images_deeper_than_8_bits_keep_their_scale(tmp_path):
+    from quadmamba.data import load_image
+
+    ramp = np.linspace(0, 1, 64)[None, :] * np.ones((64, 1))
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")          # 16-bit grey
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "f.tiff")        # float in [0, 1]
+    Image.fromarray((ramp * 4 - 2).astype(np.float32), mode="F").save(tmp_path / "w.tiff")  # other range
+    Image.fromarray((ramp * 255).astype(np.uint8)).save(tmp_path / "g8.png")             # the 8-bit twin
+    want = load_image(str(tmp_path / "g8.png"), 32, 1)
+    for name in ("g16.png", "f.tiff", "w.tiff"):
+        with Image.open(tmp_path / name) as img:
+            assert img.mode in ("I;16", "I", "F"), (name, img.mode)
+        got = load_image(str(tmp_path / name), 32, 1)
+        assert float((got - want).abs().max()) <= 2 / 255, name
+        rgb = load_image(str(tmp_path / name), 32, 3)
+        assert rgb.shape == (3, 32, 32) and torch.equal(rgb[0], rgb[2]), name

@@ -43,6 +43,13 @@ def test_gflops_match_spec(name):
     assert abs(gflops - target) < 6e-4, f"authors' convention reproduces the table: {gflops} vs {target}"
 
 
+def test_flops_of_a_half_precision_model():
+    model = nano()
+    want = quadmamba.count_flops(model, 64)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert quadmamba.count_flops(nano().to(dtype), 64) == pytest.approx(want, rel=1e-12), dtype
+
+
 def test_flops_scale_with_batch_and_do_not_touch_model():
     model = nano()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -107,6 +114,13 @@ def test_features_only_shapes_and_out_indices():
     got = partial(x)
     assert [tuple(o.shape) for o in got] == [(2, 32, 8, 12), (2, 64, 4, 6)]
     torch.testing.assert_close(got[0], outs[1])
+    # the final features (forward_features, and forward_intermediates' second result) are the last
+    # built stage's output without its out-norm, whichever stages are asked for; num_features their width
+    with torch.no_grad():
+        last = partial.forward_features(x)
+        assert partial.num_features == last.shape[-1] == 64
+        for indices in (None, [1], [2], 1):
+            torch.testing.assert_close(partial.forward_intermediates(x, indices)[1], last, rtol=0, atol=0)
     # the classifier's intermediates are the same stage outputs without the out-norms
     clf = nano().eval()
     maps, final = clf.forward_intermediates(x)
@@ -199,7 +213,9 @@ def test_converter_round_trip_and_report():
     with pytest.raises(ValueError) as err:
         load_official(nano(), bad)
     text = str(err.value)
-    assert "head.fc.bias" in text and "layers.9.extra" in text and "stages.0.blocks.0.mixer.Ds model (32,)" in text
+    assert "layers.9.extra" in text
+    assert "head.fc.bias (authors': classifier.head.bias)" in text                  # both layouts named
+    assert "stages.0.blocks.0.mixer.Ds (authors': layers.0.blocks.0.op.Ds) model (32,)" in text
     report = load_official(nano(), bad, strict=False)
     assert report.missing == ["head.fc.bias"] and report.unexpected == ["layers.9.extra"]
     assert report.mismatched == [("stages.0.blocks.0.mixer.Ds", (32,), (3,))]
@@ -306,6 +322,25 @@ def test_config_round_trip_and_errors():
             nano(**kwargs)
     with pytest.raises(ValueError, match="unknown config fields"):
         get_config("quadmamba_nano", depth=3)
+    for kwargs, exc, words in [({"num_classes": 2.5}, TypeError, "num_classes must be an int, got 2.5"),
+                               ({"num_classes": True}, TypeError, "num_classes must be an int"),
+                               ({"num_classes": "10"}, TypeError, "num_classes must be an int"),
+                               ({"drop_path_rate": "0.1"}, TypeError, "drop_path_rate must be a number"),
+                               ({"out_indices": 2}, TypeError, "out_indices must be a sequence of ints"),
+                               ({"out_indices": (0.5,)}, TypeError, "out_indices must be a sequence of ints"),
+                               ({"in_chans": 3.0}, TypeError, "in_chans must be an int"),
+                               ({"features_only": 1}, TypeError, "features_only must be a bool")]:
+        with pytest.raises(exc, match=words):
+            nano(**kwargs)
+    for kwargs, words in [({"dt_rank": 0}, "dt_rank must be >= 1"), ({"d_state": 32}, "d_state must be at most 16"),
+                          ({"d_state": 0}, "d_state"), ({"dims": (16, 32, 64)}, "dims and depths")]:
+        with pytest.raises(ValueError, match=words):
+            QuadMambaConfig(**kwargs)
+    assert QuadMambaConfig(d_state=32, kernels="reference").d_state == 32   # the reference ops take any N
+    import numpy as np
+    assert nano(num_classes=np.int64(7)).num_classes == 7                     # numpy ints are ints
+    with pytest.raises(TypeError, match="config must be a QuadMambaConfig"):
+        QuadMamba({"dims": (16, 32, 64, 128)})
 
 
 def test_bad_images_name_the_argument():
@@ -330,6 +365,15 @@ def test_training_helpers():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10) and model.config.num_classes == 10
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 128)
+    # a refused value changes nothing; models built from one config do not share it
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        model.reset_classifier(2.5)
+    assert model.num_classes == model.config.num_classes == 0
+    cfg = get_config("quadmamba_nano", num_classes=10)
+    first, second = QuadMamba(cfg), QuadMamba(cfg)
+    second.reset_classifier(3)
+    assert first.config.num_classes == cfg.num_classes == 10 and first(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert QuadMamba(first.config).state_dict().keys() == first.state_dict().keys()
     # gradient checkpointing gives the same gradients
     model = nano(drop_path_rate=0.0).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -136,6 +136,30 @@ def test_torch_export_one_node_per_op(export_targets):
     assert torch.equal(program.module()(x), 12 * x)
 
 
+def test_torch_export_with_dynamic_height_and_width(export_targets):
+    class ScanMerge(torch.nn.Module):
+        def forward(self, x):
+            return cross_merge(cross_scan(x) * 3, (x.shape[2], x.shape[3]))
+
+    height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)
+    program = torch.export.export(ScanMerge(), (torch.randn(2, 3, 4, 6),),
+                                  dynamic_shapes={"x": {2: height, 3: width}})
+    assert [t for t in export_targets(program) if t.startswith("quadmamba")] == [
+        "quadmamba.cross_scan.default", "quadmamba.cross_merge.default"]
+    x = torch.randn(2, 3, 5, 9)
+    assert torch.equal(program.module()(x), 12 * x)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 0, 4, 5)], ids=["no batch", "no channels"])
+def test_empty_inputs_give_empty_outputs(shape):
+    x = torch.randn(shape, requires_grad=True)
+    ys = cross_scan(x)
+    assert ys.shape == cross_scan_ref(x).shape == (shape[0], 4, shape[1], 20)
+    y = cross_merge(ys, (4, 5))
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+
+
 def test_bad_inputs():
     x = torch.randn(2, 3, 4, 5)
     ys = torch.randn(2, 4, 3, 20)
@@ -143,6 +167,7 @@ def test_bad_inputs():
         (lambda: cross_scan([1.0]), TypeError, "x must be a torch.Tensor"),
         (lambda: cross_scan(x[0]), ValueError, "x must have 4 dims"),
         (lambda: cross_scan(x.int()), TypeError, "x must be float32"),
+        (lambda: cross_scan(torch.randn(2, 3, 0, 5)), ValueError, "x's (H, W) must be positive, got (0, 5)"),
         (lambda: cross_merge(ys, (5, 5)), ValueError, "ys must have shape"),
         (lambda: cross_merge(ys[:, :2], (4, 5)), ValueError, "ys must have shape"),
         (lambda: cross_merge(ys, (4, -5)), ValueError, "size must be positive"),

@@ -468,6 +468,36 @@ def test_torch_export_one_node_per_op(export_targets):
     assert torch.equal(program.module()(x, decision), 4 * x)
 
 
+def test_torch_export_with_dynamic_height_width_and_shift(export_targets):
+    """Sizes and shifts derived from a dynamic (H, W): symbolic ints pass the argument checks."""
+    class ScanMerge(torch.nn.Module):
+        def forward(self, x, decision):
+            shift = (x.shape[2] // 8, -(x.shape[3] // 8))
+            seq = quad_scan(x, decision, shift, "quadtree")
+            return quad_merge(seq * 2, decision, (x.shape[2], x.shape[3]), shift, "quadtree")
+
+    height, width = 4 * torch.export.Dim("h", min=1, max=32), 4 * torch.export.Dim("w", min=1, max=32)
+    decision = _one_hot(2, "cpu")
+    program = torch.export.export(ScanMerge(), (torch.randn(2, 3, 8, 12), decision),
+                                  dynamic_shapes={"x": {2: height, 3: width}, "decision": None})
+    assert [t for t in export_targets(program) if t.startswith("quadmamba")] == [
+        "quadmamba.quad_scan.default", "quadmamba.quad_merge.default"]
+    x = torch.randn(2, 3, 16, 4)
+    assert torch.equal(program.module()(x, decision), 4 * x)
+
+
+@pytest.mark.parametrize("batch,channels", [(0, 3), (2, 0)], ids=["no batch", "no channels"])
+def test_empty_inputs_give_empty_outputs(batch, channels):
+    x = torch.randn(batch, channels, 8, 4, requires_grad=True)
+    decision = _one_hot(batch, "cpu").requires_grad_()
+    seq = quad_scan(x, decision, (1, 1))
+    assert seq.shape == quad_scan_ref(x, decision, (1, 1)).shape == (batch, 2, channels, 32)
+    y = quad_merge(seq, decision, (8, 4), (1, 1))
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert decision.grad.shape == (batch, 4) and not decision.grad.any()  # no channels: no gradient
+
+
 # ---------------------------------------------------------------------------
 # Argument errors
 # ---------------------------------------------------------------------------
@@ -481,6 +511,7 @@ def test_bad_inputs():
         (lambda: quad_scan(x.long(), dec), TypeError, "x must be float32"),
         (lambda: quad_scan(torch.randn(2, 3, 6, 8), dec), ValueError, "multiples of 4"),
         (lambda: quad_scan(torch.randn(2, 3, 8, 10), dec), ValueError, "multiples of 4"),
+        (lambda: quad_scan(torch.randn(2, 3, 0, 8), dec), ValueError, "positive multiples of 4 for the quadtree scan (pad"),
         (lambda: quad_scan(x, dec[:1]), ValueError, "decision must have shape"),
         (lambda: quad_scan(x, torch.randn(2, 3)), ValueError, "decision must have shape"),
         (lambda: quad_scan(x, dec.long()), TypeError, "decision must be a floating"),

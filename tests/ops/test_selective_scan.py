@@ -180,6 +180,39 @@ def test_opcheck():
                           [t.detach().requires_grad_() for t in half] + [True, True])
 
 
+def test_raw_op_outputs_are_contiguous_for_any_input_layout():
+    """The custom ops write contiguous outputs whatever the inputs' strides, and their fake
+    implementations say so (torch.compile plans views of the outputs on them)."""
+    _seed()
+    inputs = make_inputs(2, 2, 3, 2, 7, "both", True, dtype=torch.float32)
+    u = inputs[0].transpose(0, 1).contiguous().transpose(0, 1)              # (B, KD, L), batch innermost-but-one
+    B = inputs[3].permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)       # (B, K, N, L), N innermost
+    args = [u, inputs[1], inputs[2], B, *inputs[4:]]
+    assert not u.is_contiguous() and not B.is_contiguous()
+    op = torch.ops.quadmamba.selective_scan
+    y = op(*args, True, False)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, selective_scan(*[t.contiguous() for t in args]), rtol=0, atol=0)
+    flat = torch.compile(lambda *a: op(*a, True, False).view(-1), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(flat(*args), y.view(-1), rtol=0, atol=0)
+    torch.library.opcheck(op.default, [t.detach().requires_grad_() for t in args] + [True, False])
+
+
+@pytest.mark.parametrize("batch,channels", [(0, 4), (2, 0)], ids=["no batch", "no channels"])
+def test_empty_inputs_give_empty_outputs(batch, channels):
+    """As the reference: empty outputs, and gradients that are empty sums (zeros)."""
+    _seed()
+    u, delta = torch.randn(batch, channels, 7), torch.randn(batch, channels, 7)
+    A, B, C = -torch.rand(channels, 3), torch.randn(batch, 2, 3, 7), torch.randn(batch, 2, 3, 7)
+    D, bias = torch.randn(channels), torch.randn(channels)
+    leaves = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+    y = selective_scan(*leaves)
+    assert y.shape == selective_scan_ref(*leaves).shape == (batch, channels, 7)
+    grads = torch.autograd.grad(y.sum(), leaves)
+    for name, g, t in zip(NAMES, grads, leaves):
+        assert g.shape == t.shape and not g.any(), name
+
+
 def test_torch_compile_fullgraph_forward_backward():
     _seed()
     inputs = make_inputs(2, 2, 3, 1, 9, "both", True, dtype=torch.float32)

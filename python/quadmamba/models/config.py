@@ -1,6 +1,8 @@
 """Model configuration and the named variants."""
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
@@ -8,6 +10,7 @@ from quadmamba.layers.kernels import KERNELS
 from quadmamba.layers.mixers import COMPATS, QUAD_SCANS
 
 NUM_STAGES = 4
+MAX_D_STATE = 16  # the largest state size N the fused selective scan takes
 
 
 @dataclass
@@ -54,7 +57,15 @@ class QuadMambaConfig:
 
     def __post_init__(self):
         for key in ("dims", "depths", "quad_stages", "out_indices"):
-            setattr(self, key, tuple(int(v) for v in getattr(self, key)))
+            setattr(self, key, _int_tuple(key, getattr(self, key)))
+        for key in ("num_classes", "in_chans", "d_state"):
+            setattr(self, key, _int(key, getattr(self, key)))
+        if self.dt_rank is not None:
+            self.dt_rank = _int("dt_rank", self.dt_rank)
+        for key in ("ssm_ratio", "mlp_ratio", "drop_path_rate", "gumbel_tau"):
+            setattr(self, key, _real(key, getattr(self, key)))
+        if not isinstance(self.features_only, bool):
+            raise TypeError(f"features_only must be a bool, got {self.features_only!r}")
         if len(self.dims) != NUM_STAGES or len(self.depths) != NUM_STAGES:
             raise ValueError(f"dims and depths need {NUM_STAGES} entries, got {self.dims} and {self.depths}")
         if any(d <= 0 for d in self.dims) or any(d % 2 for d in self.dims):
@@ -77,14 +88,40 @@ class QuadMambaConfig:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not self.gumbel_tau > 0:
             raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
-        if self.ssm_ratio <= 0 or self.d_state <= 0 or self.mlp_ratio <= 0:
+        if not (self.ssm_ratio > 0 and self.mlp_ratio > 0 and self.d_state > 0):
             raise ValueError("ssm_ratio, d_state and mlp_ratio must be positive, got "
                              f"{self.ssm_ratio}, {self.d_state}, {self.mlp_ratio}")
+        if self.kernels == "fused" and self.d_state > MAX_D_STATE:
+            raise ValueError(f"d_state must be at most {MAX_D_STATE} with the fused kernels (the "
+                             f"reference kernels take any), got {self.d_state}")
+        if self.dt_rank is not None and self.dt_rank < 1:
+            raise ValueError(f"dt_rank must be >= 1 (or None for ceil(C / 16)), got {self.dt_rank}")
 
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _int_tuple(name: str, value) -> Tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    items = tuple(value)
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    return tuple(int(v) for v in items)
 
 
 # name -> (dims, depths, ssm_ratio, default drop_path_rate)

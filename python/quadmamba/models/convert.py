@@ -136,6 +136,8 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+    # our key -> the authors' key, where the state dict came in the authors' layout (shown beside ours)
+    official_names: Dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -146,13 +148,18 @@ class LoadReport:
             return "all keys matched"
         lines = []
         if self.missing:
-            lines.append(f"missing in checkpoint ({len(self.missing)}): " + ", ".join(self.missing))
+            lines.append(f"missing in checkpoint ({len(self.missing)}): " + ", ".join(map(self._name, self.missing)))
         if self.unexpected:
-            lines.append(f"unexpected in checkpoint ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+            lines.append(f"unexpected in checkpoint ({len(self.unexpected)}): "
+                         + ", ".join(map(self._name, self.unexpected)))
         if self.mismatched:
             lines.append(f"shape mismatches ({len(self.mismatched)}): " + ", ".join(
-                f"{k} model {tuple(m)} vs checkpoint {tuple(c)}" for k, m, c in self.mismatched))
+                f"{self._name(k)} model {tuple(m)} vs checkpoint {tuple(c)}" for k, m, c in self.mismatched))
         return "\n".join(lines)
+
+    def _name(self, key: str) -> str:
+        official = self.official_names.get(key)
+        return key if official is None or official == key else f"{key} (authors': {official})"
 
 
 def compare_state_dict(model: nn.Module, state_dict: Mapping) -> LoadReport:
@@ -176,6 +183,11 @@ def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True) ->
     """
     converted = official_to_ours(checkpoint, keep_unknown=True)
     report = compare_state_dict(model, converted)
+    for key in report.missing + report.unexpected + [k for k, _, _ in report.mismatched]:
+        try:
+            report.official_names[key] = _rename(key, _BACKWARD)
+        except KeyError:   # an unknown key passed through unchanged: it is the authors' own
+            pass
     if strict and not report.ok:
         raise ValueError(f"checkpoint does not match the model:\n{report}")
     bad = set(report.unexpected) | {k for k, _, _ in report.mismatched}

@@ -6,6 +6,7 @@ H_0 = ceil(H/4), H_{i+1} = ceil(H_i/2); dense outputs are channel-first (B, C_i,
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -139,13 +140,14 @@ class QuadMamba(nn.Module):
 
     def __init__(self, config: QuadMambaConfig):
         super().__init__()
-        self.config = config
-        cfg = config
+        if not isinstance(config, QuadMambaConfig):
+            raise TypeError(f"config must be a QuadMambaConfig, got {type(config).__name__}")
+        self.config = cfg = dataclasses.replace(config)   # its own copy: reset_classifier edits it
         self.num_classes = cfg.num_classes if not cfg.features_only else 0
-        self.num_features = cfg.dims[-1]
         ops = get_ops(cfg.kernels)
         self.stem = Stem(cfg.in_chans, cfg.dims[0])
         num_stages = max(cfg.out_indices) + 1 if cfg.features_only else NUM_STAGES
+        self.num_features = cfg.dims[num_stages - 1]   # width of forward_features' output
         total = sum(cfg.depths)
         rates = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
         shifts = shift_schedule(cfg.depths, cfg.quad_stages)
@@ -225,10 +227,11 @@ class QuadMamba(nn.Module):
         maps, final = [], None
         for i, out, _ in self._stage_outputs(x, last):
             if i in take:
+                normed = out
                 if norm and self.out_norms is not None and str(i) in self.out_norms:
-                    out = self.out_norms[str(i)](out)
-                maps.append(out.permute(0, 3, 1, 2).contiguous())
-            final = out if i == built - 1 else final
+                    normed = self.out_norms[str(i)](out)
+                maps.append(normed.permute(0, 3, 1, 2).contiguous())
+            final = out if i == built - 1 else final   # as forward_features: not normed
         return maps if intermediates_only else (maps, final)
 
     def forward(self, x: torch.Tensor):
@@ -242,10 +245,8 @@ class QuadMamba(nn.Module):
         """Replace the final Linear by a fresh one with ``num_classes`` outputs (0: Identity)."""
         if self.head is None:
             raise RuntimeError("a features_only model has no classifier head")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.num_classes = num_classes
-        self.config.num_classes = num_classes
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)   # checks the value
+        self.num_classes = num_classes = self.config.num_classes
         fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         fc.apply(init_weights)
         ref = self.head.norm.weight
@@ -346,7 +347,7 @@ def create_model(name: str, *, num_classes: int = 1000, drop_path_rate: Optional
     from quadmamba.models.config import get_config
 
     overrides = dict(num_classes=num_classes, compat=compat, kernels=kernels, quad_scan=quad_scan,
-                     features_only=features_only, out_indices=tuple(out_indices), in_chans=in_chans,
+                     features_only=features_only, out_indices=out_indices, in_chans=in_chans,
                      gumbel_tau=gumbel_tau)
     if drop_path_rate is not None:
         overrides["drop_path_rate"] = drop_path_rate

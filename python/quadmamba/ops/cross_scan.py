@@ -19,6 +19,8 @@ __all__ = ["cross_scan", "cross_merge"]
 @torch.library.custom_op("quadmamba::cross_scan", mutates_args=())
 def _cross_scan(x: Tensor) -> Tensor:
     batch, channels, height, width = x.shape
+    if x.numel() == 0:  # no images or no channels
+        return x.new_zeros(batch, 4, channels, height * width)
     data = _kernel_data(x)
     out = data.new_empty(batch, 4, channels, height * width)
     core().cross_scan_fwd(view(data), view(out), stream(data))
@@ -34,6 +36,8 @@ def _(x):
 @torch.library.custom_op("quadmamba::cross_merge", mutates_args=())
 def _cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
     batch, _, channels, _ = ys.shape
+    if ys.numel() == 0:  # no images or no channels
+        return ys.new_zeros(batch, channels, height, width)
     data = _kernel_data(ys)
     y = data.new_empty(batch, channels, height, width)
     core().cross_merge_fwd(view(data), view(y), stream(data))
@@ -76,6 +80,7 @@ def cross_scan(x: Tensor) -> Tensor:
         (B, 4, D, H*W) in x's dtype.
     """
     _check_tensor(x, "x", 4, "(B, D, H, W)")
+    _check_size(tuple(x.shape[2:]), "x's (H, W)")
     return torch.ops.quadmamba.cross_scan(x.contiguous())
 
 

@@ -53,23 +53,28 @@ def _check_tensor(t, name: str, ndim: int, shape_doc: str) -> None:
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
 
 
+def _is_int(v) -> bool:
+    """An int, a numpy int, or a symbolic int (torch.compile / torch.export with dynamic sizes)."""
+    return isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool)
+
+
+def _as_int(v):
+    return v if isinstance(v, torch.SymInt) else int(v)   # int() would specialise a symbolic size
+
+
 def _check_size(size, name: str = "size") -> tuple[int, int]:
-    if (
-        not isinstance(size, (tuple, list))
-        or len(size) != 2
-        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
-    ):
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_int(v) for v in size):
         raise TypeError(f"{name} must be a pair of ints (H, W), got {size!r}")
-    height, width = int(size[0]), int(size[1])
+    height, width = _as_int(size[0]), _as_int(size[1])
     if height <= 0 or width <= 0:
         raise ValueError(f"{name} must be positive, got {(height, width)}")
     return height, width
 
 
 def _check_quad_grid(height: int, width: int, name: str) -> None:
-    if height % 4 or width % 4:
+    if height <= 0 or width <= 0 or height % 4 or width % 4:
         raise ValueError(
-            f"{name}: H and W must be multiples of 4 for the quadtree scan (pad the feature map "
+            f"{name}: H and W must be positive multiples of 4 for the quadtree scan (pad the feature map "
             f"bottom/right and crop after the merge), got H={height}, W={width}"
         )
 
@@ -98,13 +103,9 @@ def _check_decision(decision, batch: int, device: torch.device) -> None:
 
 
 def _check_shift(shift, height: int, width: int) -> tuple[int, int]:
-    if (
-        not isinstance(shift, (tuple, list))
-        or len(shift) != 2
-        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in shift)
-    ):
+    if not isinstance(shift, (tuple, list)) or len(shift) != 2 or not all(_is_int(v) for v in shift):
         raise TypeError(f"shift must be a pair of ints (sy, sx), got {shift!r}")
-    sy, sx = int(shift[0]), int(shift[1])
+    sy, sx = _as_int(shift[0]), _as_int(shift[1])
     if abs(sy) >= height or abs(sx) >= width:
         raise ValueError(f"shift must satisfy |sy| < H and |sx| < W, got {(sy, sx)} for H={height}, W={width}")
     return sy, sx
@@ -137,6 +138,8 @@ def _kernel_decision(decision: Tensor, data: Tensor) -> Tensor:
 @torch.library.custom_op("quadmamba::quad_scan", mutates_args=())
 def _quad_scan(x: Tensor, decision: Tensor, sy: int, sx: int, order: str) -> Tensor:
     batch, channels, height, width = x.shape
+    if x.numel() == 0:  # no images or no channels: nothing to order
+        return x.new_zeros(batch, 2, channels, height * width)
     data = _kernel_data(x)
     dec = _kernel_decision(decision, data)  # kept alive: the core reads its pointer
     out = data.new_empty(batch, 2, channels, height * width)
@@ -153,6 +156,8 @@ def _(x, decision, sy, sx, order):
 @torch.library.custom_op("quadmamba::quad_merge", mutates_args=())
 def _quad_merge(ys: Tensor, decision: Tensor, height: int, width: int, sy: int, sx: int, order: str) -> Tensor:
     batch, _, channels, _ = ys.shape
+    if ys.numel() == 0:  # no images or no channels
+        return ys.new_zeros(batch, channels, height, width)
     data = _kernel_data(ys)
     dec = _kernel_decision(decision, data)  # kept alive: the core reads its pointer
     y = data.new_empty(batch, channels, height, width)
@@ -171,6 +176,8 @@ def _fused_backward(kernel, grad: Tensor, saved: Tensor, raster_shape, decision:
     """Runs one fused backward kernel (quad_scan_bwd or quad_merge_bwd): the gradient of `saved`
     (the op's data input) from `grad`, and of the decision. raster_shape is (B, D, H, W)."""
     batch, channels, height, width = raster_shape
+    if saved.numel() == 0:  # no images or no channels: nothing reaches the decision either
+        return torch.zeros_like(saved, memory_format=torch.contiguous_format), torch.zeros_like(decision)
     data, g = _kernel_data(saved), _kernel_data(_as_dtype(grad, saved.dtype))
     dec = _kernel_decision(decision, data)
     dsaved = torch.empty_like(data)

@@ -157,6 +157,9 @@ def _selective_scan_op(
 ) -> torch.Tensor:
     core = _backend.core()
     out_dtype = _y_dtype(u, out_float32)
+    if u.numel() == 0:  # no batch or no channels (L = 0 is refused by the public function)
+        return u.new_zeros(u.shape, dtype=out_dtype)
+    u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
     if u.device.type == "cuda":
         # The kernel reads u, delta, B, C in their own dtype; A, D, delta_bias in float32;
         # it writes y in u's dtype or float32.
@@ -180,7 +183,7 @@ def _selective_scan_op(
 
 @_selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32):
-    return torch.empty_like(u, dtype=_y_dtype(u, out_float32))
+    return u.new_empty(u.shape, dtype=_y_dtype(u, out_float32))   # contiguous, as the kernels write it
 
 
 @torch.library.custom_op("quadmamba::selective_scan_bwd", mutates_args=())
@@ -202,6 +205,10 @@ def _selective_scan_bwd_op(
     groups, dstate = B.shape[1], A.shape[1]
     dD_dtype = A.dtype if D is None else D.dtype
     dbias_dtype = A.dtype if delta_bias is None else delta_bias.dtype
+    if u.numel() == 0:  # no batch or no channels: every gradient is an empty sum
+        return (u.new_zeros(u.shape), delta.new_zeros(delta.shape), A.new_zeros(A.shape), B.new_zeros(B.shape),
+                C.new_zeros(C.shape), u.new_zeros(channels, dtype=dD_dtype), u.new_zeros(channels, dtype=dbias_dtype))
+    u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
     if u.device.type == "cuda":
         f32 = torch.float32
         A32, D32, b32 = (_cast(t, f32) for t in (A, D, delta_bias))
@@ -255,9 +262,9 @@ def _(dy, u, delta, A, B, C, D, delta_bias, delta_softplus):
     channels = u.shape[1]
     dD_dtype = A.dtype if D is None else D.dtype
     dbias_dtype = A.dtype if delta_bias is None else delta_bias.dtype
-    return (
-        torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
-        torch.empty_like(C), u.new_empty(channels, dtype=dD_dtype), u.new_empty(channels, dtype=dbias_dtype),
+    return (   # contiguous, as the kernels write them
+        u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+        C.new_empty(C.shape), u.new_empty(channels, dtype=dD_dtype), u.new_empty(channels, dtype=dbias_dtype),
     )
 
 
