@@ -59,7 +59,7 @@ dim3 grid_for(int64_t B, int64_t per_batch) {
 }  // namespace
 
 void cross_scan_fwd_cuda(const TensorView& x, const TensorView& out, void* stream_ptr) {
-  check_cross_args(x, "x", out, "out");
+  check_cross_args(x, "x", out, "out", false);
   QM_CHECK(x.device.is_cuda(), "cross_scan_fwd: the CUDA kernel got CPU tensors");
   const int64_t B = x.shape[0], D = x.shape[1], H = x.shape[2], W = x.shape[3];
   if (x.numel() == 0) return;
@@ -74,7 +74,7 @@ void cross_scan_fwd_cuda(const TensorView& x, const TensorView& out, void* strea
 }
 
 void cross_merge_fwd_cuda(const TensorView& ys, const TensorView& y, void* stream_ptr) {
-  check_cross_args(y, "y", ys, "ys");
+  check_cross_args(y, "y", ys, "ys", true);
   QM_CHECK(y.device.is_cuda(), "cross_merge_fwd: the CUDA kernel got CPU tensors");
   const int64_t B = y.shape[0], D = y.shape[1], H = y.shape[2], W = y.shape[3];
   if (y.numel() == 0) return;

@@ -487,6 +487,9 @@ ScanArgs make_args(const SelectiveScanParams& p, const TensorView& u, const Tens
            "selective_scan CUDA: u must be float32, float16 or bfloat16, got ", dtype_name(u.dtype));
   QM_CHECK(A.dtype == DType::Float32, "selective_scan CUDA: A must be float32, got ",
            dtype_name(A.dtype));
+  check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias);
+  QM_CHECK(p.batch >= 1 && p.channels >= 1, "selective_scan CUDA: B = ", p.batch, ", KD = ", p.channels,
+           ": empty tensors have nothing to launch (the Python op returns empty outputs for them)");
   QM_CHECK(p.batch * p.channels <= 0x7fffffffLL, "selective_scan CUDA: B * KD = ",
            p.batch * p.channels, " exceeds the grid limit");
   ScanArgs a;

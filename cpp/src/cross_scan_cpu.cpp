@@ -13,13 +13,20 @@
 namespace quadmamba {
 
 void check_cross_args(const TensorView& raster, const char* raster_name, const TensorView& seq,
-                      const char* seq_name) {
-  const DType t = raster.dtype;
+                      const char* seq_name, bool raster_is_output) {
+  // Types, devices and sizes come from the input, so a message names the argument that is wrong;
+  // H and W come from the raster tensor either way (the sequences hold only H * W).
+  const TensorView& in = raster_is_output ? seq : raster;
+  const DType t = in.dtype;
   QM_CHECK(t == DType::Float32 || t == DType::Float64 || t == DType::Float16 || t == DType::BFloat16,
-           raster_name, " must be a floating dtype, got ", dtype_name(t));
-  check_view(raster, raster_name, 4, t, raster.device);
-  check_view(seq, seq_name, 4, t, raster.device);
-  const int64_t B = raster.shape[0], D = raster.shape[1], H = raster.shape[2], W = raster.shape[3];
+           raster_is_output ? seq_name : raster_name, " must be a floating dtype, got ", dtype_name(t));
+  check_view(in, raster_is_output ? seq_name : raster_name, 4, t, in.device);
+  const TensorView& out = raster_is_output ? raster : seq;
+  check_view(out, raster_is_output ? raster_name : seq_name, 4, t, in.device);
+  const int64_t B = in.shape[0], D = raster_is_output ? seq.shape[2] : raster.shape[1];
+  const int64_t H = raster.shape[2], W = raster.shape[3];
+  QM_CHECK(H >= 1 && W >= 1, raster_name, " must have H, W >= 1, got ", H, "x", W);
+  check_shape(raster, raster_name, {B, D, H, W});
   check_shape(seq, seq_name, {B, 4, D, H * W});
 }
 
@@ -130,14 +137,14 @@ void check_cpu(const TensorView& t) {
 }  // namespace
 
 void cross_scan_fwd_cpu(const TensorView& x, const TensorView& out) {
-  check_cross_args(x, "x", out, "out");
+  check_cross_args(x, "x", out, "out", false);
   check_cpu(x);
   if (x.dtype == DType::Float64) scan<double>(x, out);
   else scan<float>(x, out);
 }
 
 void cross_merge_fwd_cpu(const TensorView& ys, const TensorView& y) {
-  check_cross_args(y, "y", ys, "ys");
+  check_cross_args(y, "y", ys, "ys", true);
   check_cpu(y);
   if (y.dtype == DType::Float64) merge<double>(ys, y);
   else merge<float>(ys, y);

@@ -51,23 +51,43 @@ QuadGeometry make_quad_geometry(int64_t H, int64_t W, int64_t sy, int64_t sx, Qu
   return g;
 }
 
+void check_quad_geometry(const QuadGeometry& g) {
+  QM_CHECK(g.H > 0 && g.W > 0 && g.H % 4 == 0 && g.W % 4 == 0,
+           "quad geometry: H and W must be positive multiples of 4, got ", g.H, "x", g.W);
+  QM_CHECK(g.sy >= 0 && g.sy < g.H && g.sx >= 0 && g.sx < g.W, "quad geometry: the roll must satisfy 0 <= sy < H and ",
+           "0 <= sx < W (make_quad_geometry wraps negative shifts), got (", g.sy, ", ", g.sx, ") for ", g.H, "x", g.W);
+  QM_CHECK(g.order == QuadOrder::Quadtree || g.order == QuadOrder::Official, "quad geometry: unknown order ",
+           static_cast<int>(g.order));
+}
+
 namespace {
 
 // `raster` is the (B, D, H, W) argument, `seq` the (B, 2, D, L) one; ddecision and
 // workspace may be undefined (the forward passes).
+// Type, device, B and D come from the input (raster_is_output: from seq), so that a message
+// names the argument that is wrong.
 void check_quad_args(const TensorView& raster, const char* raster_name, const TensorView& seq,
                      const char* seq_name, const TensorView& decision, const TensorView& ddecision,
-                     const TensorView& workspace, const QuadGeometry& g) {
-  const DType t = raster.dtype;
-  const Device dev = raster.device;
+                     const TensorView& workspace, const QuadGeometry& g, bool raster_is_output = false) {
+  check_quad_geometry(g);
+  const TensorView& in = raster_is_output ? seq : raster;
+  const char* in_name = raster_is_output ? seq_name : raster_name;
+  const DType t = in.dtype;
+  const Device dev = in.device;
   const DType acc = t == DType::Float64 ? DType::Float64 : DType::Float32;
   QM_CHECK(t == DType::Float32 || t == DType::Float64 || t == DType::Float16 || t == DType::BFloat16,
-           raster_name, " must be a floating dtype, got ", dtype_name(t));
-  check_view(raster, raster_name, 4, t, dev);
-  const int64_t B = raster.shape[0], D = raster.shape[1];
-  check_shape(raster, raster_name, {B, D, g.H, g.W});
-  check_view(seq, seq_name, 4, t, dev);
-  check_shape(seq, seq_name, {B, 2, D, g.L()});
+           in_name, " must be a floating dtype, got ", dtype_name(t));
+  check_view(in, in_name, 4, t, dev);
+  const int64_t B = in.shape[0], D = in.shape[raster_is_output ? 2 : 1];
+  if (raster_is_output) {
+    check_shape(seq, seq_name, {B, 2, D, g.L()});
+    check_view(raster, raster_name, 4, t, dev);
+    check_shape(raster, raster_name, {B, D, g.H, g.W});
+  } else {
+    check_shape(raster, raster_name, {B, D, g.H, g.W});
+    check_view(seq, seq_name, 4, t, dev);
+    check_shape(seq, seq_name, {B, 2, D, g.L()});
+  }
   check_view(decision, "decision", 2, acc, dev);
   check_shape(decision, "decision", {B, 4});
   if (ddecision.defined()) {
@@ -90,12 +110,12 @@ void check_quad_scan_bwd_args(const TensorView& x, const TensorView& decision, c
                               const QuadGeometry& g) {
   QM_CHECK(ddecision.defined(), "ddecision is required");
   check_quad_args(x, "x", gout, "gout", decision, ddecision, workspace, g);
-  check_quad_args(dx, "dx", gout, "gout", decision, TensorView{}, TensorView{}, g);
+  check_quad_args(dx, "dx", gout, "gout", decision, TensorView{}, TensorView{}, g, true);  // dx: an output
 }
 
 void check_quad_merge_fwd_args(const TensorView& ys, const TensorView& decision, const TensorView& y,
                                const QuadGeometry& g) {
-  check_quad_args(y, "y", ys, "ys", decision, TensorView{}, TensorView{}, g);
+  check_quad_args(y, "y", ys, "ys", decision, TensorView{}, TensorView{}, g, true);
 }
 
 void check_quad_merge_bwd_args(const TensorView& ys, const TensorView& decision, const TensorView& gy,

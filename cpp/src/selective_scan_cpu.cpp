@@ -124,7 +124,7 @@ void sum_parts(const T* in, int64_t parts, int64_t stride, int64_t count, T* out
     for (int64_t idx = lo; idx < hi; ++idx) {
       const int64_t o = idx / count, i = idx % count;
       const T* src = in + o * parts * stride + i;
-      T acc = src[0];
+      T acc = parts > 0 ? src[0] : T(0);  // parts = 0 (an empty batch): the empty sum
       for (int64_t j = 1; j < parts; ++j) acc += src[j * stride];
       out[o * out_stride_outer + i] = acc;
     }
@@ -182,7 +182,6 @@ SelectiveScanParams selective_scan_params(const TensorView& u, const TensorView&
                                           const TensorView& A, const TensorView& B,
                                           const TensorView& C, const TensorView& Dskip,
                                           const TensorView& delta_bias, bool delta_softplus) {
-  QM_CHECK(u.defined() && u.ndim == 3, "u must be (B, KD, L)");
   const Device dev = u.device;
   const DType dt = u.dtype;
   const DType wt = dt == DType::Float64 ? DType::Float64 : DType::Float32;
@@ -218,11 +217,23 @@ SelectiveScanParams selective_scan_params(const TensorView& u, const TensorView&
   return p;
 }
 
+void check_selective_scan_inputs(const SelectiveScanParams& p, const TensorView& u, const TensorView& delta,
+                                 const TensorView& A, const TensorView& B, const TensorView& C,
+                                 const TensorView& Dskip, const TensorView& delta_bias) {
+  const SelectiveScanParams q = selective_scan_params(u, delta, A, B, C, Dskip, delta_bias, p.delta_softplus);
+  QM_CHECK(q.batch == p.batch && q.channels == p.channels && q.groups == p.groups && q.length == p.length &&
+               q.dstate == p.dstate,
+           "the tensors do not have the sizes of p (B, KD, K, L, N) = (", p.batch, ", ", p.channels, ", ",
+           p.groups, ", ", p.length, ", ", p.dstate, "), they have (", q.batch, ", ", q.channels, ", ", q.groups,
+           ", ", q.length, ", ", q.dstate, "): pass the tensors given to selective_scan_params");
+}
+
 void selective_scan_fwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& delta, const TensorView& A, const TensorView& B,
                             const TensorView& C, const TensorView& Dskip,
                             const TensorView& delta_bias, const TensorView& y) {
   QM_CHECK(u.device.is_cpu(), "selective_scan_fwd_cpu: tensors must be on the CPU");
+  check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias);
   check_view(y, "y", 3, u.dtype, u.device);
   check_shape(y, "y", {p.batch, p.channels, p.length});
   if (u.dtype == DType::Float32)
@@ -242,6 +253,7 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& dB, const TensorView& dC, const TensorView& dDskip,
                             const TensorView& ddelta_bias) {
   QM_CHECK(u.device.is_cpu(), "selective_scan_bwd_cpu: tensors must be on the CPU");
+  check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias);
   const DType dt = u.dtype, wt = A.dtype;
   check_view(dy, "dy", 3, dt, u.device);
   check_shape(dy, "dy", {p.batch, p.channels, p.length});

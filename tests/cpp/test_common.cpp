@@ -1,7 +1,10 @@
 // Tests of the core's shared pieces: checks, views, the parallel loop.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "quadmamba/common.h"
@@ -36,6 +39,28 @@ TEST(TensorView, ContiguousStridesAndChecks) {
   EXPECT_THROW(check_view(v, "u", 2, DType::Float32, Device{}), Error);
   EXPECT_THROW(check_view(v, "u", 3, DType::Float64, Device{}), Error);
   EXPECT_THROW(check_shape(v, "u", {2, 3, 5}), Error);
+  TensorView negative(buf.data(), DType::Float32, {2, -3, 4});
+  EXPECT_THROW(check_view(negative, "u", 3, DType::Float32, Device{}), Error);
+  try {  // an empty tensor arrives without data: said so, not "required"
+    check_view(TensorView(nullptr, DType::Float32, {0, 3, 4}), "u", 3, DType::Float32, Device{});
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("u has no data (an empty tensor?"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Parallel, RangesAreAtLeastTheGrain) {
+  for (int64_t n : {4, 5, 7, 100}) {
+    for (int64_t grain : {1, 3, 4, 50}) {
+      std::vector<std::pair<int64_t, int64_t>> ranges(64, {-1, -1});
+      std::atomic<int> count{0};
+      parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) { ranges[static_cast<size_t>(count++)] = {lo, hi}; });
+      ranges.resize(static_cast<size_t>(count.load()));
+      std::sort(ranges.begin(), ranges.end());
+      for (size_t i = 0; i + 1 < ranges.size(); ++i)  // all but the last range
+        EXPECT_GE(ranges[i].second - ranges[i].first, grain) << "n=" << n << " grain=" << grain;
+    }
+  }
 }
 
 TEST(Parallel, CoversRangeExactlyOnce) {

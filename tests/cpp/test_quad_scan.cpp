@@ -364,3 +364,57 @@ TEST(QuadScanCpu, ReportsItsInstructionSet) {
   const std::string isa = quad_scan_cpu_isa();
   EXPECT_TRUE(isa == "avx" || isa == "sse2" || isa == "portable") << isa;
 }
+
+namespace {
+
+// The message of the Error that f throws ("" if none).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(QuadScanCpu, RejectsGeometriesMadeByHand) {
+  std::vector<float> x(64, 1.f), out(128), dec{1.f, 0.f, 0.f, 0.f};
+  const TensorView vx(x.data(), DType::Float32, {1, 1, 8, 8}), vout(out.data(), DType::Float32, {1, 2, 1, 64}),
+      vdec(dec.data(), DType::Float32, {1, 4});
+  QuadGeometry g = make_quad_geometry(8, 8, 0, 0, QuadOrder::Quadtree);
+  EXPECT_EQ(error_of([&] { quad_scan_fwd_cpu(vx, vdec, vout, g); }), "");
+  QuadGeometry bad = g;
+  bad.sx = 19;  // out of the grid: would read past x
+  EXPECT_NE(error_of([&] { quad_scan_fwd_cpu(vx, vdec, vout, bad); }).find("0 <= sx < W"), std::string::npos);
+  bad = g;
+  bad.sy = -5;
+  EXPECT_NE(error_of([&] { quad_merge_fwd_cpu(vout, vdec, vx, bad); }).find("0 <= sy < H"), std::string::npos);
+  bad = g;
+  bad.H = bad.W = 6;  // not multiples of 4 (the tensors would have to match it, too)
+  EXPECT_NE(error_of([&] { quad_scan_fwd_cpu(vx, vdec, vout, bad); }).find("multiples of 4"), std::string::npos);
+  bad = g;
+  bad.order = static_cast<QuadOrder>(7);
+  EXPECT_NE(error_of([&] { quad_scan_fwd_cpu(vx, vdec, vout, bad); }).find("unknown order"), std::string::npos);
+}
+
+TEST(QuadScanCpu, MessagesNameTheWrongArgument) {
+  // Outputs with a wrong channel count are named, not the inputs they were compared with.
+  std::vector<float> x(2 * 3 * 16, 1.f), seq(2 * 2 * 3 * 16), dx(2 * 4 * 16), dec(8, 0.f), dd(8), ws(2 * 3 * 4),
+      y4(2 * 4 * 16), ys4(2 * 4 * 3 * 16);
+  for (int b = 0; b < 2; ++b) dec[b * 4] = 1.f;
+  const TensorView vx(x.data(), DType::Float32, {2, 3, 4, 4}), vseq(seq.data(), DType::Float32, {2, 2, 3, 16}),
+      vdec(dec.data(), DType::Float32, {2, 4}), vdd(dd.data(), DType::Float32, {2, 4}),
+      vws(ws.data(), DType::Float32, {2, 3, 4}), vbad(dx.data(), DType::Float32, {2, 4, 4, 4});
+  const QuadGeometry g = make_quad_geometry(4, 4, 0, 0, QuadOrder::Quadtree);
+  EXPECT_NE(error_of([&] { quad_scan_bwd_cpu(vx, vdec, vseq, vbad, vdd, vws, g); }).find("dx has size 4"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { quad_merge_fwd_cpu(vseq, vdec, vbad, g); }).find("y has size 4"), std::string::npos);
+  const TensorView vys4(ys4.data(), DType::Float32, {2, 4, 3, 16}), vy4(y4.data(), DType::Float32, {2, 4, 4, 4});
+  EXPECT_NE(error_of([&] { cross_merge_fwd_cpu(vys4, vy4); }).find("y has size 4"), std::string::npos);
+  std::vector<float> tiny(4);
+  const TensorView neg(tiny.data(), DType::Float32, {1, 1, -3, -5}), out4(tiny.data(), DType::Float32, {1, 4, 1, 15});
+  EXPECT_NE(error_of([&] { cross_scan_fwd_cpu(neg, out4); }).find("negative size"), std::string::npos);
+}

@@ -241,6 +241,28 @@ TEST(SelectiveScanCpu, RejectsBadShapes) {
   const TensorView Ad(buf.data(), DType::Float64, {4, 1}), Bok(buf.data(), DType::Float32, {1, 2, 1, 2});
   EXPECT_THROW(selective_scan_params(u, u, Ad, Bok, Bok, TensorView(), TensorView(), true), Error);
   EXPECT_NO_THROW(selective_scan_params(u, u, A, Bok, Bok, TensorView(), TensorView(), true));
+  // the entry points check the tensors against p (a D of the wrong size would be read past its end)
+  const auto p = selective_scan_params(u, u, A, Bok, Bok, TensorView(), TensorView(), true);
+  std::vector<float> y(8), small(1);
+  const TensorView vy(y.data(), DType::Float32, {1, 4, 2}), D1(small.data(), DType::Float32, {1});
+  EXPECT_THROW(selective_scan_fwd_cpu(p, u, u, A, Bok, Bok, D1, TensorView(), vy), Error);
+  const TensorView u2(buf.data(), DType::Float32, {1, 4, 1});
+  EXPECT_THROW(selective_scan_fwd_cpu(p, u2, u2, A, Bok, Bok, TensorView(), TensorView(), vy), Error);
+}
+
+TEST(SelectiveScanCpu, EmptyBatchGivesZeroParameterGradients) {
+  // B = 0 (views with data, as a caller holding empty buffers may pass): nothing to compute,
+  // and the gradients of A, D, delta_bias are empty sums.
+  std::vector<float> buf(64, 0.f), dA(8, 7.f), dD(4, 7.f), db(4, 7.f);
+  const TensorView u(buf.data(), DType::Float32, {0, 4, 8}), A(buf.data(), DType::Float32, {4, 2}),
+      B(buf.data(), DType::Float32, {0, 1, 2, 8}), D(buf.data(), DType::Float32, {4});
+  const auto p = selective_scan_params(u, u, A, B, B, D, D, true);
+  selective_scan_fwd_cpu(p, u, u, A, B, B, D, D, u);
+  selective_scan_bwd_cpu(p, u, u, A, B, B, D, D, u, u, u, TensorView(dA.data(), DType::Float32, {4, 2}), B, B,
+                         TensorView(dD.data(), DType::Float32, {4}), TensorView(db.data(), DType::Float32, {4}));
+  for (float v : dA) EXPECT_EQ(v, 0.f);
+  for (float v : dD) EXPECT_EQ(v, 0.f);
+  for (float v : db) EXPECT_EQ(v, 0.f);
 }
 
 #if defined(QUADMAMBA_WITH_CUDA)

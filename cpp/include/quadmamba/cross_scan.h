@@ -28,8 +28,9 @@ void cross_merge_fwd_cpu(const TensorView& ys, const TensorView& y);
 void cross_scan_fwd_cuda(const TensorView& x, const TensorView& out, void* stream);
 void cross_merge_fwd_cuda(const TensorView& ys, const TensorView& y, void* stream);
 
-// Shape / dtype / device checks shared by the CPU and CUDA entry points.
+// Shape / dtype / device checks shared by the CPU and CUDA entry points; raster_is_output:
+// the merge (sizes taken from the input ys, so messages name the wrong argument).
 void check_cross_args(const TensorView& raster, const char* raster_name, const TensorView& seq,
-                      const char* seq_name);
+                      const char* seq_name, bool raster_is_output);
 
 }  // namespace quadmamba

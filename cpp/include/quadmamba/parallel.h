@@ -61,7 +61,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   {
     const int64_t tid = omp_get_thread_num();
     const int64_t nt = omp_get_num_threads();
-    const int64_t chunk = (n + nt - 1) / nt;
+    const int64_t chunk = std::max(grain, (n + nt - 1) / nt);
     const int64_t lo = begin + tid * chunk;
     const int64_t hi = std::min(end, lo + chunk);
     if (lo < hi) {
@@ -80,7 +80,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     f(begin, end);
     return;
   }
-  const int64_t chunk = (n + threads - 1) / threads;
+  const int64_t chunk = std::max(grain, (n + threads - 1) / threads);
   std::exception_ptr error;
   std::mutex error_mutex;
   std::vector<std::thread> workers;

@@ -24,8 +24,9 @@
 // For the "quadtree" order f and c send slot p into the same quadrant, so exactly one
 // term is non-zero per slot when decision is one-hot; for "official" f is still a
 // permutation but the masked sum is not (1/8 of slots hold two tokens, 1/8 none).
-// A coefficient equal to 0 skips its term and one equal to 1 copies (the result equals
-// the formula for finite inputs); other decision values are blended by the formula.
+// Both terms are always computed, as the formula (and the authors' masked sum): with a
+// one-hot decision a non-finite x in the unselected term still gives NaN (0 * inf), as in
+// the reference; other decision values are blended by the formula.
 //
 // Arguments (all contiguous, on one device; strides in elements):
 //   x, y, dx, gy:        (B, D, H, W), data dtype T
@@ -48,6 +49,10 @@ namespace quadmamba {
 
 // The geometry of a call; shifts may be given in (-H, H) x (-W, W).
 QuadGeometry make_quad_geometry(int64_t H, int64_t W, int64_t sy, int64_t sx, QuadOrder order);
+
+// Checks a geometry filled in by hand as make_quad_geometry would have made it (H, W positive
+// multiples of 4, 0 <= sy < H, 0 <= sx < W, a known order); every entry point below calls it.
+void check_quad_geometry(const QuadGeometry& g);
 
 void quad_scan_fwd_cpu(const TensorView& x, const TensorView& decision, const TensorView& out,
                        const QuadGeometry& g);

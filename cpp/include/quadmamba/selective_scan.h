@@ -82,6 +82,12 @@ SelectiveScanParams selective_scan_params(const TensorView& u, const TensorView&
                                           const TensorView& C, const TensorView& Dskip,
                                           const TensorView& delta_bias, bool delta_softplus);
 
+// Checks that the tensors have the sizes recorded in p (every entry point below calls it:
+// p must come from selective_scan_params of the same tensors).
+void check_selective_scan_inputs(const SelectiveScanParams& p, const TensorView& u, const TensorView& delta,
+                                 const TensorView& A, const TensorView& B, const TensorView& C,
+                                 const TensorView& Dskip, const TensorView& delta_bias);
+
 void selective_scan_fwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& delta, const TensorView& A, const TensorView& B,
                             const TensorView& C, const TensorView& Dskip,

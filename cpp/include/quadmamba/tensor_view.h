@@ -60,8 +60,10 @@ struct TensorView {
 
 // Argument checks shared by the ops: `name` is the argument's name in messages.
 inline void check_view(const TensorView& t, const char* name, int ndim, DType dtype, Device device) {
-  QM_CHECK(t.defined(), name, " is required");
+  QM_CHECK(t.defined(), name, t.ndim > 0 ? " has no data (an empty tensor? the kernels take at least one element)"
+                                         : " is required");
   QM_CHECK(t.ndim == ndim, name, " must have ", ndim, " dims, got ", t.ndim);
+  for (int d = 0; d < t.ndim; ++d) QM_CHECK(t.shape[d] >= 0, name, " has a negative size ", t.shape[d], " in dim ", d);
   QM_CHECK(t.dtype == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.dtype));
   QM_CHECK(t.device == device, name, " is on a different device than the other arguments");
   QM_CHECK(t.is_contiguous(), name, " must be contiguous");
