@@ -184,14 +184,16 @@ void launch(Pass pass, const TensorView& in, const TensorView& decision, const T
     }
     return;
   }
-  // Grid: (b, tile) x chunk with tiles * chunks <= D, so the block sums fit the (B, D, 4)
-  // workspace.
+  // Grid: (b, tile) x chunk of the L slots, kThreads slots per chunk (at most 65535 chunks);
+  // with the decision gradient also tiles * chunks <= D, so the block sums fit the (B, D, 4)
+  // workspace (large L with few channels then runs fewer, longer chunks).
+  const bool grad = ddecision.defined();
   const int64_t tiles = (D + kRows - 1) / kRows, L = g.L();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(D / tiles, (L + kThreads - 1) / kThreads));
+  const int64_t slot_chunks = std::min<int64_t>((L + kThreads - 1) / kThreads, 65535);
+  const int64_t chunks = grad ? std::max<int64_t>(1, std::min<int64_t>(D / tiles, slot_chunks)) : slot_chunks;
   QM_CHECK(B * tiles < (int64_t{1} << 31), op, ": B*D = ", B * D, " exceeds the CUDA grid limit");
   CudaDeviceGuard guard(in.device.index);
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool grad = ddecision.defined();
   dispatch_float(in.dtype, op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = typename Acc<T>::type;

@@ -412,7 +412,9 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(ScanArgs p, BwdIO io
           }
         }
         duv[i] += dl[i] * q[i] * bv[i];  // du += dl_t q_t B_t
-        const float qah = q[i] * a[i] * hprev;
+        // Past L (the last chunk's padding) q = 0 and h_{t-1} is the last state: the product is
+        // left out, so that a non-finite last state does not reach dA as 0 * inf.
+        const float qah = t0 + i < L ? q[i] * a[i] * hprev : 0.f;
         ddl[i] += An * qah + q[i] * bv[i] * uv[i];  // q_t (A a_t h_{t-1} + B_t u_t)
         dA_acc[n] += dl[i] * qah;                    // dl_t q_t a_t h_{t-1}
       }

@@ -339,6 +339,20 @@ TEST(SelectiveScanCuda, MatchesCpu) {
   }
 }
 
+TEST(SelectiveScanCuda, InfiniteLastStateLeavesDAAsOnCpu) {
+  // dA sums dl_t q_t a_t h_{t-1} for t < L: the last state h_{L-1} is not in it. The last
+  // chunk's padding (L not a multiple of the chunk) must not bring it in as 0 * inf.
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (int64_t L : {300, 1100}) {
+    const Shape s{1, 1, 3, 1, L, true, true, true};
+    Problem p = make_problem(s, 77);
+    for (int64_t d = 0; d < 3; ++d) p.u[d * L + L - 1] = INFINITY;  // h_{L-1} = +-inf
+    const Grads got = run_cuda<float>(p), want = run_cpu<double>(p);
+    for (double v : want.dA) ASSERT_TRUE(std::isfinite(v)) << v;
+    expect_close(got.dA, want.dA, "dA, infinite last state, L=" + std::to_string(L), 1e-4, 1e-5);
+  }
+}
+
 TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::vector<Shape> shapes = kShapes;
@@ -392,6 +406,7 @@ TEST(SelectiveScanCuda, HalfAndBFloat16InputsMatchCpu) {
 }
 #else
 TEST(SelectiveScanCuda, MatchesCpu) { GTEST_SKIP() << "built without CUDA kernels"; }
+TEST(SelectiveScanCuda, InfiniteLastStateLeavesDAAsOnCpu) { GTEST_SKIP() << "built without CUDA kernels"; }
 TEST(SelectiveScanCuda, HalfAndBFloat16InputsMatchCpu) { GTEST_SKIP() << "built without CUDA kernels"; }
 TEST(SelectiveScanCuda, DeterministicModeMatchesCpuAndRepeatsBitwise) {
   GTEST_SKIP() << "built without CUDA kernels";

@@ -321,8 +321,9 @@ def test_half_inputs_on_cpu(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float32_output_of_half_inputs(device, dtype):
-    """out_dtype=torch.float32: y unrounded (float32 accuracy on the values the kernel sees),
-    the same gradients as the rounded output gets, and the reference agrees."""
+    """out_dtype=torch.float32: y unrounded (float32 accuracy on the values the kernel sees);
+    its float32 gradient is used unrounded too (float32 gradients at float32 accuracy, 16-bit
+    ones rounded once), and the reference agrees."""
     seed = _seed()
     inputs = make_inputs(2, 2, 3, 1, 300, "both", True)
     seen = [t.to(dtype) if i in (0, 1, 3, 4) else t.float() for i, t in enumerate(inputs)]
@@ -334,12 +335,12 @@ def test_float32_output_of_half_inputs(device, dtype):
     assert y.dtype == torch.float32
     extra = f"(seed {seed}, {device}, {dtype})"
     assert_close(y, y64, "y", rtol=1e-4, atol_scale=1e-5, extra=extra)
-    y_half, g_half = _grads(selective_scan, on_device, grad_out.to(dtype).to(device))
-    for name, g, gh, gt in zip(NAMES, grads, g_half, g64):
-        assert g.dtype == gh.dtype, name
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11     # the rounding of one 16-bit result
+    for name, g, t, gt in zip(NAMES, grads, on_device, g64):
+        assert g.dtype == t.dtype, name
         scale = gt.abs().max().item()
-        # dy reaches the kernel in u's dtype either way: the gradients differ by that rounding only.
-        assert _max_err(g, gt) <= 2 * _max_err(gh, gt) + 1e-5 * scale, f"d{name} {extra}"
+        bound = 1e-4 if g.dtype == torch.float32 else 2 * unit       # (dy rounded to 16 bits: about 1e-3 in dA)
+        assert _max_err(g, gt) <= bound * scale, f"d{name}: {_max_err(g, gt) / scale:.2e} of the scale {extra}"
     y_ref = selective_scan_ref(*on_device, out_dtype=torch.float32)
     assert y_ref.dtype == torch.float32
     assert_close(y_ref, y64, "reference y", rtol=1e-4, atol_scale=1e-5, extra=extra)

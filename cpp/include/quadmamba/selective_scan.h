@@ -49,6 +49,9 @@
 //                                   ddelta_bias; second kernels then add them in a fixed order
 //                                   (over the channels of a group, over the batch) and WRITE
 //                                   dA, dB, dC, dDskip, ddelta_bias (no zeroing needed).
+// Non-finite values: once a state is infinite, the CUDA scan (a parallel scan over
+// chunks, whose composed decay can underflow to 0) may give NaN where the CPU's sequential
+// recurrence gives +-inf.
 // Accumulation is in float32 (float64 for float64 inputs). The CPU path is
 // deterministic (fixed-order reductions). The CUDA backward reduces dB, dC over
 // channels and dA, dDskip, ddelta_bias over the batch with float32 atomics, or, given

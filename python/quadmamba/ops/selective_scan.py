@@ -212,9 +212,16 @@ def _selective_scan_bwd_op(
     if u.device.type == "cuda":
         f32 = torch.float32
         A32, D32, b32 = (_cast(t, f32) for t in (A, D, delta_bias))
-        dy = dy.to(u.dtype).contiguous()
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(u)
+        # The kernel reads dy in the data's dtype. A float32 y (out_dtype=torch.float32 with
+        # float16 / bfloat16 data) has a float32 dy: rather than round it to 16 bits, the
+        # backward then runs on float32 copies of the data (as the CPU does).
+        data = (u, delta, B, C)
+        if dy.dtype == f32 and u.dtype != f32:
+            data = tuple(t.to(f32) for t in data)
+        ku, kdelta, kB, kC = data
+        dy = dy.to(ku.dtype).contiguous()
+        du = torch.empty_like(ku)
+        ddelta = torch.empty_like(ku)
         # Accumulated with atomics (float32, zeroed), or, under
         # torch.use_deterministic_algorithms(True), written by fixed-order reductions of
         # per-row partial sums (bitwise repeatable; one more pass over 2 * B*KD*N*L floats).
@@ -232,9 +239,9 @@ def _selective_scan_bwd_op(
         workspace = torch.empty(batch, channels, (length + chunk - 1) // chunk, dstate, dtype=f32, device=u.device)
         v = _backend.view
         core.selective_scan_bwd(
-            v(u), v(delta), v(A32), v(B), v(C), v(D32), v(b32), delta_softplus, v(dy), v(du), v(ddelta),
+            v(ku), v(kdelta), v(A32), v(kB), v(kC), v(D32), v(b32), delta_softplus, v(dy), v(du), v(ddelta),
             v(dA), v(dB), v(dC), v(dD), v(dbias), v(workspace), v(partials), v(row_partials),
-            _backend.stream(u),
+            _backend.stream(ku),
         )
     else:
         compute = _compute_dtype(u)
