@@ -487,3 +487,26 @@ def test_images_deeper_than_8_bits_keep_their_scale(tmp_path):
         assert float((got - want).abs().max()) <= 2 / 255, name
         rgb = load_image(str(tmp_path / name), 32, 3)
         assert rgb.shape == (3, 32, 32) and torch.equal(rgb[0], rgb[2]), name
+
+
+def test_stratified_split_holds_out_each_class_in_proportion():
+    from quadmamba.data import stratified_split
+
+    labels = np.array([0] * 50 + [1] * 11 + [2] * 3 + [3] * 1 + [4] * 2)
+    train, held = stratified_split(labels, 0.2, seed=5)
+    assert len(np.intersect1d(train, held)) == 0 and sorted(np.concatenate([train, held])) == list(range(len(labels)))
+    for c, n in zip(range(5), (50, 11, 3, 1, 2)):
+        want = 0 if n < 2 else min(max(round(0.2 * n), 1), n - 1)
+        assert (labels[held] == c).sum() == want, (c, n)
+    again = stratified_split(labels, 0.2, seed=5)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], held)
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=6)[1], held)
+
+
+def test_digits_are_normalised_with_training_statistics():
+    from quadmamba.data import digits_datasets
+
+    train, test, spec = digits_datasets(32, seed=0)
+    assert float(train.images.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(train.images.std()) == pytest.approx(1.0, abs=1e-4)
+    assert len(test) == 359 and spec.mean[0] > 0 and spec.std[0] > 0

@@ -177,6 +177,10 @@ def test_raster_ablation_same_parameters_predictor_unused():
     assert raster.in_proj.weight.grad is not None
     with pytest.raises(ValueError, match="quad_scan"):
         QuadSS2D(8, ops=REF, quad_scan="zigzag")
+    # with identity scans the merge gives back 2x the input: the raster sequence and its reverse
+    identity = QuadSS2D(8, ops=IDENTITY, quad_scan="raster").eval()
+    x = torch.randn(2, 5, 6, 8)
+    torch.testing.assert_close(identity(x), _through_without_scan(identity, x, 2.0), rtol=1e-5, atol=1e-5)
 
 
 def test_scan_runs_in_float32_under_autocast():

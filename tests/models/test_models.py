@@ -355,6 +355,15 @@ def test_bad_images_name_the_argument():
                 entry(x)
 
 
+def test_drop_path_rises_linearly_over_all_blocks_and_norms_use_default_eps():
+    model = create_model("quadmamba_t", drop_path_rate=0.3)
+    rates = [block.drop_path.drop_prob for stage in model.stages for block in stage.blocks]
+    want = torch.linspace(0, 0.3, sum(model.config.depths)).tolist()
+    assert rates == pytest.approx(want, abs=1e-12)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == 1e-5 for m in norms)
+
+
 def test_training_helpers():
     torch.manual_seed(0)
     model = nano()

@@ -359,19 +359,23 @@ def test_gradcheck(order, shift):
     )
 
 
-def test_data_gradient_only_paths():
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("order", ["quadtree", "official"])
+def test_data_gradient_only_paths(order):
+    # A non-square grid and a shift with unequal, signed components: swapped sizes or shift
+    # components in these backward paths change the result.
+    shift = (1, -2)
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64, requires_grad=True)
     decision = _one_hot(2, "cpu", torch.float64)  # no grad: the backward is the plain merge / scan
-    out = quad_scan(x, decision, (1, 1), "official")
+    out = quad_scan(x, decision, shift, order)
     g = torch.randn_like(out)
     (dx,) = torch.autograd.grad(out, x, g)
-    (rdx,) = torch.autograd.grad(quad_scan_ref(x, decision, (1, 1), "official"), x, g)
+    (rdx,) = torch.autograd.grad(quad_scan_ref(x, decision, shift, order), x, g)
     assert torch.equal(dx, rdx)
-    ys = torch.randn(2, 2, 3, 64, dtype=torch.float64, requires_grad=True)
-    y = quad_merge(ys, decision, (8, 8), (1, 1), "official")
+    ys = torch.randn(2, 2, 3, 96, dtype=torch.float64, requires_grad=True)
+    y = quad_merge(ys, decision, (8, 12), shift, order)
     gy = torch.randn_like(y)
     (dys,) = torch.autograd.grad(y, ys, gy)
-    (rdys,) = torch.autograd.grad(quad_merge_ref(ys, decision, (8, 8), (1, 1), "official"), ys, gy)
+    (rdys,) = torch.autograd.grad(quad_merge_ref(ys, decision, (8, 12), shift, order), ys, gy)
     assert torch.equal(dys, rdys)
 
 

@@ -180,6 +180,18 @@ def test_opcheck():
                           [t.detach().requires_grad_() for t in half] + [True, True])
 
 
+def test_backward_op_returns_each_gradient_in_its_inputs_dtype():
+    """The raw backward op (autograd would cast a wrong dtype back silently): float32 data with
+    float64 parameters."""
+    _seed()
+    u, delta, A, B, C, D, bias = make_inputs(2, 2, 3, 1, 9, "both", True, dtype=torch.float32)
+    A, D, bias = A.double(), D.double(), bias.double()
+    dy = torch.randn_like(u)
+    grads = torch.ops.quadmamba.selective_scan_bwd(dy, u, delta, A, B, C, D, bias, True)
+    assert [g.dtype for g in grads] == [t.dtype for t in (u, delta, A, B, C, D, bias)]
+    torch.library.opcheck(torch.ops.quadmamba.selective_scan_bwd.default, (dy, u, delta, A, B, C, D, bias, True))
+
+
 def test_raw_op_outputs_are_contiguous_for_any_input_layout():
     """The custom ops write contiguous outputs whatever the inputs' strides, and their fake
     implementations say so (torch.compile plans views of the outputs on them)."""
