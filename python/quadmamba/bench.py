@@ -3,7 +3,7 @@ timed side by side in one run (same model weights, same input)."""
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import io
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
-import torch
 
 PANEL_INCHES = 3.0
 DPI = 100
