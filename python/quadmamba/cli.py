@@ -228,9 +228,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_ablation(args) -> int:
-    from quadmamba.train import run_training
-
-    from quadmamba.train import CHECKPOINT_NAME
+    from quadmamba.train import CHECKPOINT_NAME, run_training
 
     output = args.output or DEFAULT_OUTPUT + "-ablation"
     results = {}

@@ -285,17 +285,14 @@ def datasets_for_spec(spec: DataSpec, source: Optional[str] = None):
         if spec.source == DIGITS:
             train, test, _ = digits_datasets(spec.img_size, spec.seed, spec.val_fraction)
             return train, test
-        train, test, new = folder_datasets(spec.source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction)
-        _check_classes(spec, spec.source, new.classes)
-        return train, test
-    val_dir = os.path.join(source, "val")
-    if os.path.isdir(os.path.join(source, "train")) and os.path.isdir(val_dir):
-        train, test, new = folder_datasets(source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction)
-        _check_classes(spec, source, new.classes)
-        return train, test
-    classes, samples = scan_folder(source)
-    _check_classes(spec, source, classes)
-    return None, FolderImages(samples, spec.img_size, spec.in_chans, spec.mean, spec.std)
+        source = spec.source                                  # the training folder: its own split
+    elif not (os.path.isdir(os.path.join(source, "train")) and os.path.isdir(os.path.join(source, "val"))):
+        classes, samples = scan_folder(source)                # test data: every image
+        _check_classes(spec, source, classes)
+        return None, FolderImages(samples, spec.img_size, spec.in_chans, spec.mean, spec.std)
+    train, test, new = folder_datasets(source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction)
+    _check_classes(spec, source, new.classes)
+    return train, test
 
 
 def _same_folder(a: str, b: str) -> bool:
