@@ -14,20 +14,8 @@ namespace quadmamba {
 
 void check_cross_args(const TensorView& raster, const char* raster_name, const TensorView& seq,
                       const char* seq_name, bool raster_is_output) {
-  // Types, devices and sizes come from the input, so a message names the argument that is wrong;
   // H and W come from the raster tensor either way (the sequences hold only H * W).
-  const TensorView& in = raster_is_output ? seq : raster;
-  const DType t = in.dtype;
-  QM_CHECK(t == DType::Float32 || t == DType::Float64 || t == DType::Float16 || t == DType::BFloat16,
-           raster_is_output ? seq_name : raster_name, " must be a floating dtype, got ", dtype_name(t));
-  check_view(in, raster_is_output ? seq_name : raster_name, 4, t, in.device);
-  const TensorView& out = raster_is_output ? raster : seq;
-  check_view(out, raster_is_output ? raster_name : seq_name, 4, t, in.device);
-  const int64_t B = in.shape[0], D = raster_is_output ? seq.shape[2] : raster.shape[1];
-  const int64_t H = raster.shape[2], W = raster.shape[3];
-  QM_CHECK(H >= 1 && W >= 1, raster_name, " must have H, W >= 1, got ", H, "x", W);
-  check_shape(raster, raster_name, {B, D, H, W});
-  check_shape(seq, seq_name, {B, 4, D, H * W});
+  check_raster_and_sequences(raster, raster_name, seq, seq_name, 4, -1, -1, raster_is_output);
 }
 
 namespace {

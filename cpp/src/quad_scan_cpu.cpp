@@ -62,32 +62,15 @@ void check_quad_geometry(const QuadGeometry& g) {
 
 namespace {
 
-// `raster` is the (B, D, H, W) argument, `seq` the (B, 2, D, L) one; ddecision and
-// workspace may be undefined (the forward passes).
-// Type, device, B and D come from the input (raster_is_output: from seq), so that a message
-// names the argument that is wrong.
+// `raster` is the (B, D, H, W) argument, `seq` the (B, 2, D, L) one (raster_is_output: the
+// merge); ddecision and workspace may be undefined (the forward passes).
 void check_quad_args(const TensorView& raster, const char* raster_name, const TensorView& seq,
                      const char* seq_name, const TensorView& decision, const TensorView& ddecision,
                      const TensorView& workspace, const QuadGeometry& g, bool raster_is_output = false) {
   check_quad_geometry(g);
-  const TensorView& in = raster_is_output ? seq : raster;
-  const char* in_name = raster_is_output ? seq_name : raster_name;
-  const DType t = in.dtype;
-  const Device dev = in.device;
-  const DType acc = t == DType::Float64 ? DType::Float64 : DType::Float32;
-  QM_CHECK(t == DType::Float32 || t == DType::Float64 || t == DType::Float16 || t == DType::BFloat16,
-           in_name, " must be a floating dtype, got ", dtype_name(t));
-  check_view(in, in_name, 4, t, dev);
-  const int64_t B = in.shape[0], D = in.shape[raster_is_output ? 2 : 1];
-  if (raster_is_output) {
-    check_shape(seq, seq_name, {B, 2, D, g.L()});
-    check_view(raster, raster_name, 4, t, dev);
-    check_shape(raster, raster_name, {B, D, g.H, g.W});
-  } else {
-    check_shape(raster, raster_name, {B, D, g.H, g.W});
-    check_view(seq, seq_name, 4, t, dev);
-    check_shape(seq, seq_name, {B, 2, D, g.L()});
-  }
+  const auto [B, D] = check_raster_and_sequences(raster, raster_name, seq, seq_name, 2, g.H, g.W, raster_is_output);
+  const Device dev = raster.device;
+  const DType acc = raster.dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   check_view(decision, "decision", 2, acc, dev);
   check_shape(decision, "decision", {B, 4});
   if (ddecision.defined()) {

@@ -78,4 +78,35 @@ inline void check_shape(const TensorView& t, const char* name, std::initializer_
   }
 }
 
+// The raster (B, D, H, W) and the K sequences over it (B, K, D, H*W) of a scan (raster the
+// input) or a merge (raster_is_output): both 4-d, contiguous, of one floating dtype and one
+// device, taken from the input, as are B and D, so that a message names the wrong argument.
+// H, W: the grid; where negative, the raster's own (H, W >= 1). Returns {B, D}.
+struct RasterSeqSizes {
+  int64_t B, D;
+};
+
+inline RasterSeqSizes check_raster_and_sequences(const TensorView& raster, const char* raster_name,
+                                                 const TensorView& seq, const char* seq_name, int64_t K,
+                                                 int64_t H, int64_t W, bool raster_is_output) {
+  const TensorView& in = raster_is_output ? seq : raster;
+  const TensorView& out = raster_is_output ? raster : seq;
+  const char* in_name = raster_is_output ? seq_name : raster_name;
+  const char* out_name = raster_is_output ? raster_name : seq_name;
+  const DType t = in.dtype;
+  QM_CHECK(t == DType::Float32 || t == DType::Float64 || t == DType::Float16 || t == DType::BFloat16,
+           in_name, " must be a floating dtype, got ", dtype_name(t));
+  check_view(in, in_name, 4, t, in.device);
+  check_view(out, out_name, 4, t, in.device);
+  const RasterSeqSizes s{in.shape[0], raster_is_output ? seq.shape[2] : raster.shape[1]};
+  if (H < 0 || W < 0) {
+    H = raster.shape[2];
+    W = raster.shape[3];
+    QM_CHECK(H >= 1 && W >= 1, raster_name, " must have H, W >= 1, got ", H, "x", W);
+  }
+  check_shape(raster, raster_name, {s.B, s.D, H, W});
+  check_shape(seq, seq_name, {s.B, K, s.D, H * W});
+  return s;
+}
+
 }  // namespace quadmamba
