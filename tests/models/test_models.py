@@ -437,7 +437,7 @@ def test_optional_integrations_are_lazy_and_safe():
                           QuadMamba)
     else:
         assert "mmengine" in integrations.unavailable_reason
-    dense = integrations.quadmamba_backbone("quadmamba_nano", out_indices=(0, 3), kernels="reference")
+    dense = integrations.QuadMambaBackbone("quadmamba_nano", out_indices=(0, 3), kernels="reference")
     assert [o.shape[1] for o in dense(torch.randn(1, 3, 32, 32))] == [16, 128]
 
 

@@ -28,12 +28,14 @@ class QuadMambaConfig:
         num_classes: classifier outputs (0: no head, forward returns pooled features).
         in_chans: image channels.
         drop_path_rate: stochastic depth, linear from 0 to this over all blocks.
+        drop_rate: dropout on the pooled features before the classifier's Linear (timm's
+            ``drop_rate``); 0 in the paper.
         compat: "paper" | "official" (the authors' code, spec 3.6).
         kernels: "fused" | "reference" (plain-PyTorch ops).
         quad_scan: "quadtree" | "raster" (ablation).
         gumbel_tau: Gumbel-softmax temperature of the quadrant decision.
         features_only: build the dense backbone (per-stage normed maps, no head).
-        out_indices: stages whose outputs the backbone returns.
+        out_indices: stages whose outputs the backbone returns (negative: from the end).
         name: the variant name (informational).
     """
 
@@ -47,6 +49,7 @@ class QuadMambaConfig:
     num_classes: int = 1000
     in_chans: int = 3
     drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
     compat: str = "paper"
     kernels: str = "fused"
     quad_scan: str = "quadtree"
@@ -62,7 +65,9 @@ class QuadMambaConfig:
             setattr(self, key, _int(key, getattr(self, key)))
         if self.dt_rank is not None:
             self.dt_rank = _int("dt_rank", self.dt_rank)
-        for key in ("ssm_ratio", "mlp_ratio", "drop_path_rate", "gumbel_tau"):
+        given_out_indices = self.out_indices
+        self.out_indices = tuple(i + NUM_STAGES if -NUM_STAGES <= i < 0 else i for i in self.out_indices)
+        for key in ("ssm_ratio", "mlp_ratio", "drop_path_rate", "drop_rate", "gumbel_tau"):
             setattr(self, key, _real(key, getattr(self, key)))
         if not isinstance(self.features_only, bool):
             raise TypeError(f"features_only must be a bool, got {self.features_only!r}")
@@ -79,13 +84,16 @@ class QuadMambaConfig:
             raise ValueError(f"quad_stages must be within 0..{NUM_STAGES - 1}, got {self.quad_stages}")
         if not self.out_indices or not set(self.out_indices) <= set(range(NUM_STAGES)) \
                 or len(set(self.out_indices)) != len(self.out_indices):
-            raise ValueError(f"out_indices must be distinct values in 0..{NUM_STAGES - 1}, got {self.out_indices}")
+            raise ValueError(f"out_indices must be distinct values in 0..{NUM_STAGES - 1} (or -{NUM_STAGES}..-1 "
+                             f"from the end), got {given_out_indices}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.in_chans <= 0:
             raise ValueError(f"in_chans must be > 0, got {self.in_chans}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
         if not self.gumbel_tau > 0:
             raise ValueError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
         if not (self.ssm_ratio > 0 and self.mlp_ratio > 0 and self.d_state > 0):

@@ -86,17 +86,56 @@ class QuadMambaStage(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """LayerNorm(C) -> global average pool -> Linear(C, classes) (Identity if classes == 0)."""
+    """LayerNorm(C) -> global average pool -> Dropout(drop_rate) -> Linear(C, classes)
+    (Identity if classes == 0)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.pool = GlobalAvgPool()
+        self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(self.norm(x))
+        x = self.drop(self.pool(self.norm(x)))
         return x if pre_logits else self.fc(x)
+
+
+class FeatureInfo(list):
+    """The maps a model can return, as timm describes them: a list of dicts (num_chs,
+    reduction, module), with the accessors of timm's FeatureInfo (idx: a position in this
+    list, a sequence of positions, or None for all)."""
+
+    def channels(self, idx=None):
+        return self._get("num_chs", idx)
+
+    def reduction(self, idx=None):
+        return self._get("reduction", idx)
+
+    def module_name(self, idx=None):
+        return self._get("module", idx)
+
+    def get_dicts(self, keys=None, idx=None):
+        picked = list(self) if idx is None else ([self[i] for i in idx] if isinstance(idx, (tuple, list))
+                                                 else [self[idx]])
+        return [d if keys is None else {k: d[k] for k in keys} for d in picked]
+
+    def _get(self, key, idx):
+        if idx is None:
+            return [d[key] for d in self]
+        if isinstance(idx, (tuple, list)):
+            return [self[i][key] for i in idx]
+        return self[idx][key]
+
+
+def data_config(cfg: QuadMambaConfig) -> dict:
+    """The input a model expects, in timm's pretrained_cfg keys (the ImageNet recipe of the
+    paper: 224 x 224, bicubic resize, center crop 0.875, ImageNet mean and std)."""
+    from quadmamba.data import IMAGENET_MEAN, IMAGENET_STD
+
+    return dict(input_size=(cfg.in_chans, 224, 224), interpolation="bicubic", crop_pct=0.875,
+                crop_mode="center", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=cfg.num_classes,
+                first_conv="stem.conv1", classifier="head.fc", architecture=cfg.name)
 
 
 @dataclass
@@ -167,7 +206,12 @@ class QuadMamba(nn.Module):
             self.head = None
         else:
             self.out_norms = None
-            self.head = ClassifierHead(cfg.dims[-1], cfg.num_classes)
+            self.head = ClassifierHead(cfg.dims[-1], cfg.num_classes, cfg.drop_rate)
+        # The maps forward returns (backbone) or forward_intermediates can return (classifier).
+        self.feature_info = FeatureInfo(
+            dict(num_chs=cfg.dims[i], reduction=4 * 2 ** i, module=f"stages.{i}")
+            for i in (cfg.out_indices if cfg.features_only else range(NUM_STAGES)))
+        self.pretrained_cfg = data_config(cfg)
         self.apply(init_weights)
         channels_last_convs_(self)
 
@@ -203,35 +247,43 @@ class QuadMamba(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
-                              norm: bool = True, intermediates_only: bool = False):
-        """Stage outputs, channel-first (B, C_i, H_i, W_i), taken before each downsample.
+                              norm: bool = True, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Stage outputs, taken before each downsample (timm's signature).
 
         Args:
-            indices: stage indices (sequence), the last n stages (int), or None for all built stages.
+            indices: stage indices (sequence; negative from the end), the last n stages (int),
+                or None for all built stages.
             norm: pass outputs through the backbone's out-norms where the model has them.
+            stop_early: run no stage after the last one taken (the final features are then
+                that stage's output); always so with intermediates_only.
+            output_fmt: "NCHW" (B, C_i, H_i, W_i) or "NHWC" (B, H_i, W_i, C_i) maps.
             intermediates_only: return only the list.
 
         Returns:
             list of maps, or (list, final features channel-last) unless intermediates_only.
         """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         built = len(self.stages)
         if indices is None:
             take = list(range(built))
-        elif isinstance(indices, int):
-            take = list(range(built - indices, built))
+        elif isinstance(indices, int) and not isinstance(indices, bool):
+            take = list(range(built - indices, built)) if 0 < indices <= built else [-1]
         else:
-            take = sorted(int(i) for i in indices)
-        if not take or take[0] < 0 or take[-1] >= built:
-            raise ValueError(f"indices must select stages in 0..{built - 1}, got {indices!r}")
-        last = built - 1 if not intermediates_only else take[-1]
+            take = sorted(int(i) + built if int(i) < 0 else int(i) for i in indices)
+        if not take or take[0] < 0 or take[-1] >= built or len(set(take)) != len(take):
+            raise ValueError(f"indices must select distinct stages in 0..{built - 1} (negative: from the "
+                             f"end; an int n: the last n), got {indices!r}")
+        last = take[-1] if (stop_early or intermediates_only) else built - 1
         maps, final = [], None
         for i, out, _ in self._stage_outputs(x, last):
             if i in take:
                 normed = out
                 if norm and self.out_norms is not None and str(i) in self.out_norms:
                     normed = self.out_norms[str(i)](out)
-                maps.append(normed.permute(0, 3, 1, 2).contiguous())
-            final = out if i == built - 1 else final   # as forward_features: not normed
+                maps.append(normed.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else normed)
+            final = out   # as forward_features: not normed
         return maps if intermediates_only else (maps, final)
 
     def forward(self, x: torch.Tensor):
@@ -241,16 +293,36 @@ class QuadMamba(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # -- training helpers ----------------------------------------------------------------------
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the final Linear by a fresh one with ``num_classes`` outputs (0: Identity)."""
+    def get_classifier(self) -> nn.Module:
+        """The final Linear (Identity when num_classes is 0)."""
         if self.head is None:
             raise RuntimeError("a features_only model has no classifier head")
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the final Linear by a fresh one with ``num_classes`` outputs (0: Identity).
+        global_pool: None or "avg" (the only pooling; timm's argument)."""
+        if self.head is None:
+            raise RuntimeError("a features_only model has no classifier head")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be 'avg' (the head's pooling) or None, got {global_pool!r}")
         self.config = dataclasses.replace(self.config, num_classes=num_classes)   # checks the value
         self.num_classes = num_classes = self.config.num_classes
+        self.pretrained_cfg["num_classes"] = num_classes
         fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         fc.apply(init_weights)
         ref = self.head.norm.weight
         self.head.fc = fc.to(device=ref.device, dtype=ref.dtype)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order, for layer-wise learning-rate decay (timm's
+        convention: regexes over parameter names, with ordinals from their groups; coarse: one
+        group per stage). A stage's downsample follows its blocks (timm's (99999,) joins it to
+        the stage's last block); the head (and out-norms) match nothing, which timm puts last."""
+        if coarse:
+            return dict(stem=r"^stem\.", blocks=r"^stages\.(\d+)\.")
+        return dict(stem=r"^stem\.", blocks=[(r"^stages\.(\d+)\.blocks\.(\d+)\.", None),
+                                             (r"^stages\.(\d+)\.downsample\.", (99999,))])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
@@ -262,6 +334,11 @@ class QuadMamba(nn.Module):
         return {name for name, _ in self.named_parameters() if name.endswith((".A_log", ".Ds"))}
 
     # -- inspection ----------------------------------------------------------------------------
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of pretrained_cfg."""
+        return self.pretrained_cfg
+
     @torch.no_grad()
     def partition_maps(self, x: torch.Tensor) -> List[PartitionMap]:
         """Run the model on x (current train/eval mode, no grad) and return the partition of
@@ -327,7 +404,7 @@ def init_weights(module: nn.Module) -> None:
 
 
 def create_model(name: str, *, num_classes: int = 1000, drop_path_rate: Optional[float] = None,
-                 compat: str = "paper", kernels: str = "fused", quad_scan: str = "quadtree",
+                 drop_rate: float = 0.0, compat: str = "paper", kernels: str = "fused", quad_scan: str = "quadtree",
                  features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3),
                  in_chans: int = 3, gumbel_tau: float = 1.0) -> QuadMamba:
     """Build a named variant (see list_models()).
@@ -336,17 +413,18 @@ def create_model(name: str, *, num_classes: int = 1000, drop_path_rate: Optional
         name: "quadmamba_nano" | "quadmamba_li" | "quadmamba_t" | "quadmamba_s" | "quadmamba_b".
         num_classes: classifier outputs.
         drop_path_rate: stochastic depth; None takes the variant's default (Li/T 0.1, S 0.2, B 0.3).
+        drop_rate: dropout before the classifier's Linear (0 in the paper).
         compat: "paper" | "official".
         kernels: "fused" | "reference".
         quad_scan: "quadtree" | "raster".
         features_only: dense backbone (maps at strides 4, 8, 16, 32) instead of a classifier.
-        out_indices: stages the backbone returns.
+        out_indices: stages the backbone returns (negative: from the end).
         in_chans: image channels.
         gumbel_tau: Gumbel-softmax temperature.
     """
     from quadmamba.models.config import get_config
 
-    overrides = dict(num_classes=num_classes, compat=compat, kernels=kernels, quad_scan=quad_scan,
+    overrides = dict(num_classes=num_classes, drop_rate=drop_rate, compat=compat, kernels=kernels, quad_scan=quad_scan,
                      features_only=features_only, out_indices=out_indices, in_chans=in_chans,
                      gumbel_tau=gumbel_tau)
     if drop_path_rate is not None:

@@ -1,0 +1,222 @@
+"""The interfaces timm and OpenMMLab code expects of a model, checked without timm or
+mmengine installed (their registries are stood in for where registration is tested)."""
+import re
+import sys
+import types
+
+import pytest
+import torch
+
+from quadmamba.models import QuadMamba, create_model
+from quadmamba.models import integrations
+from quadmamba.models.integrations import QuadMambaBackbone, mmengine_backbone_class
+
+
+def nano(**kw):
+    kw.setdefault("kernels", "reference")
+    return create_model("quadmamba_nano", **kw)
+
+
+def test_feature_info_describes_the_maps():
+    clf, dense = nano(), nano(features_only=True, out_indices=(1, -1))
+    assert clf.feature_info.channels() == [16, 32, 64, 128]
+    assert clf.feature_info.reduction() == [4, 8, 16, 32]
+    assert clf.feature_info.module_name() == ["stages.0", "stages.1", "stages.2", "stages.3"]
+    assert dense.config.out_indices == (1, 3)
+    assert dense.feature_info.channels() == [32, 128] and dense.feature_info.reduction() == [8, 32]
+    assert dense.feature_info.channels(1) == 128 and dense.feature_info.reduction([0]) == [8]
+    assert dense.feature_info.get_dicts(keys=("num_chs",)) == [{"num_chs": 32}, {"num_chs": 128}]
+    outs = dense(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == dense.feature_info.channels()
+    assert [64 // o.shape[2] for o in outs] == dense.feature_info.reduction()
+    assert all(isinstance(d, dict) and {"num_chs", "reduction", "module"} <= set(d) for d in clf.feature_info)
+
+
+def test_out_indices_from_the_end_and_their_errors():
+    assert nano(features_only=True, out_indices=(-4, -2)).config.out_indices == (0, 2)
+    with pytest.raises(ValueError, match=r"out_indices must be distinct .*got \(0, -4\)"):
+        nano(features_only=True, out_indices=(0, -4))
+    with pytest.raises(ValueError, match="out_indices"):
+        nano(features_only=True, out_indices=(-5,))
+
+
+def test_classifier_accessors_and_head_dropout():
+    model = nano(drop_rate=0.5, num_classes=6)
+    assert model.get_classifier() is model.head.fc and model.get_classifier().out_features == 6
+    assert model.head.drop.p == 0.5
+    feats = torch.randn(4, 2, 2, 128)
+    model.eval()
+    ref = model.forward_head(feats, pre_logits=True)   # dropout off in eval
+    torch.testing.assert_close(ref, model.head.pool(model.head.norm(feats)))
+    model.train()
+    dropped = model.forward_head(feats, pre_logits=True)
+    kept = dropped != 0
+    assert kept.any() and not kept.all()
+    torch.testing.assert_close(dropped[kept], 2 * ref[kept])   # kept features scaled by 1 / (1 - p)
+    model.reset_classifier(3, global_pool="avg")
+    assert model.get_classifier().out_features == 3 and model.pretrained_cfg["num_classes"] == 3
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, global_pool="max")
+    with pytest.raises(ValueError, match="drop_rate"):
+        nano(drop_rate=1.0)
+    with pytest.raises(RuntimeError, match="no classifier head"):
+        nano(features_only=True).get_classifier()
+    # dropout has no parameters: the paper's state dict is unchanged
+    assert nano(drop_rate=0.3).state_dict().keys() == nano().state_dict().keys()
+
+
+def test_pretrained_cfg():
+    model = nano(num_classes=10, in_chans=1)
+    cfg = model.pretrained_cfg
+    assert model.default_cfg is cfg
+    assert cfg["input_size"] == (1, 224, 224) and cfg["num_classes"] == 10
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["interpolation"] == "bicubic"
+    names = dict(model.named_parameters())
+    assert cfg["first_conv"] + ".weight" in names and cfg["classifier"] + ".weight" in names
+
+
+def test_forward_intermediates_timm_signature():
+    torch.manual_seed(0)
+    model = nano().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps, final = model.forward_intermediates(x)
+        neg, _ = model.forward_intermediates(x, indices=[-1, 1])
+        assert [m.shape for m in neg] == [maps[1].shape, maps[3].shape]
+        torch.testing.assert_close(neg[1], maps[3], rtol=0, atol=0)
+        early, early_final = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
+        torch.testing.assert_close(early_final, maps[1].permute(0, 2, 3, 1), rtol=0, atol=0)
+        torch.testing.assert_close(early[0], maps[0], rtol=0, atol=0)
+        nhwc = model.forward_intermediates(x, indices=2, output_fmt="NHWC", intermediates_only=True)
+        assert [tuple(m.shape) for m in nhwc] == [(2, 4, 6, 64), (2, 2, 3, 128)]
+        torch.testing.assert_close(nhwc[1], maps[3].permute(0, 2, 3, 1), rtol=0, atol=0)
+    for bad in ([4], [-5], [1, -3], 0, 5):
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NLC")
+
+
+def test_group_matcher_orders_every_parameter_by_depth():
+    model = nano()
+    fine, coarse = model.group_matcher(), model.group_matcher(coarse=True)
+    order = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("head."):
+            continue   # unmatched: timm puts them in the last group
+        if re.match(fine["stem"], name):
+            order[name] = (0,)
+            continue
+        hits = [(re.match(rx, name), suffix) for rx, suffix in fine["blocks"]]
+        hits = [(m, s) for m, s in hits if m]
+        assert len(hits) == 1, name
+        match, suffix = hits[0]
+        order[name] = (1, *map(int, match.groups()), *(suffix or ()))
+        assert re.match(coarse["blocks"], name).group(1) == name.split(".")[1]
+    # blocks in stage-major order, a stage's downsample after its blocks
+    assert order["stages.0.blocks.1.norm1.weight"] < order["stages.0.downsample.norm.weight"] \
+        < order["stages.1.blocks.0.norm1.weight"]
+
+
+def test_timm_entry_takes_timm_arguments():
+    entry = integrations._timm_entry("quadmamba_nano")
+    model = entry(pretrained=False, pretrained_cfg=None, cache_dir=None, num_classes=5, drop_rate=0.1,
+                  global_pool="avg", img_size=96, kernels="reference",
+                  pretrained_cfg_overlay=dict(mean=(0.5, 0.5, 0.5)), dtype=torch.float64)
+    assert model.num_classes == 5 and model.head.drop.p == 0.1
+    assert model.pretrained_cfg["input_size"] == (3, 96, 96) and model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert next(model.parameters()).dtype == torch.float64
+    assert entry(features_only=True, out_indices=2, kernels="reference").config.out_indices == (2, 3)
+    assert entry(img_size=(64, 80), output_stride=32).pretrained_cfg["input_size"] == (3, 64, 80)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        entry(pretrained=True)
+    with pytest.raises(ValueError, match="global_pool"):
+        entry(global_pool="max")
+    with pytest.raises(ValueError, match="output_stride"):
+        entry(output_stride=16)
+    with pytest.raises(ValueError, match="out_indices"):
+        entry(features_only=True, out_indices=5)
+    with pytest.raises(TypeError, match=r"unsupported arguments \['feature_cls'\]"):
+        entry(feature_cls="getter")
+
+
+def test_register_timm_once(monkeypatch):
+    registered = []
+    timm = types.ModuleType("timm")
+    timm_models = types.ModuleType("timm.models")
+    timm_models.register_model = registered.append
+    timm.models = timm_models
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "timm.models", timm_models)
+    monkeypatch.setattr(integrations, "_registered", {})
+    assert integrations.register_timm() and integrations.register_timm()
+    assert [fn.__name__ for fn in registered] == ["quadmamba_nano", "quadmamba_li", "quadmamba_t",
+                                                  "quadmamba_s", "quadmamba_b"]
+
+
+def test_backbone_freezes_stages_and_returns_a_tuple():
+    torch.manual_seed(0)
+    backbone = QuadMambaBackbone("quadmamba_nano", out_indices=(0, 1, 3), frozen_stages=2, kernels="reference")
+    assert isinstance(backbone, QuadMamba)
+    frozen = ("stem.", "stages.0.", "stages.1.", "out_norms.0.", "out_norms.1.")
+    for name, p in backbone.named_parameters():
+        assert p.requires_grad == (not name.startswith(frozen)), name
+    backbone.train()
+    assert not backbone.stem.training and not backbone.stages[1].training and backbone.stages[2].training
+    x = torch.randn(2, 3, 64, 64)
+    outs = backbone(x)
+    assert isinstance(outs, tuple) and [o.shape[1] for o in outs] == [16, 32, 128]
+    # frozen quad stages decide by arg-max (eval) even while the model trains
+    backbone.eval()
+    with torch.no_grad():
+        ref = backbone(x)
+    backbone.train()
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x)[1], ref[1], rtol=0, atol=0)
+    sum(o.sum() for o in backbone(x)).backward()
+    assert all(p.grad is not None for p in backbone.stages[2].parameters())
+    assert all(p.grad is None for p in backbone.stages[0].parameters())
+    for bad in (-2, 5, 1.0, True):
+        with pytest.raises(ValueError, match="frozen_stages"):
+            QuadMambaBackbone("quadmamba_nano", frozen_stages=bad, kernels="reference")
+
+
+def test_mmengine_backbone_class_takes_init_cfg():
+    class BaseModule(torch.nn.Module):   # the part of mmengine's BaseModule the class relies on
+        def __init__(self, init_cfg=None):
+            super().__init__()
+            self.init_cfg = init_cfg
+
+    cls = mmengine_backbone_class(BaseModule)
+    assert cls.__mro__[1:3] == (QuadMambaBackbone, QuadMamba) and BaseModule in cls.__mro__
+    init_cfg = dict(type="Pretrained", checkpoint="t.pth")
+    backbone = cls(arch="quadmamba_nano", out_indices=(0, 3), init_cfg=init_cfg, kernels="reference")
+    assert backbone.init_cfg == init_cfg and backbone.init_cfg is not init_cfg
+    plain = QuadMambaBackbone("quadmamba_nano", out_indices=(0, 3), kernels="reference")
+    assert backbone.state_dict().keys() == plain.state_dict().keys()
+    with pytest.raises(TypeError, match="base_module"):
+        mmengine_backbone_class(object)
+
+
+def test_register_mmengine_registers_the_class(monkeypatch):
+    registry = {}
+
+    class Models:
+        @staticmethod
+        def register_module(name, module, force):
+            registry[name] = module
+
+    class BaseModule(torch.nn.Module):
+        def __init__(self, init_cfg=None):
+            super().__init__()
+
+    for mod, attrs in (("mmengine", {}), ("mmengine.model", {"BaseModule": BaseModule}),
+                       ("mmengine.registry", {"MODELS": Models})):
+        module = types.ModuleType(mod)
+        for key, value in attrs.items():
+            setattr(module, key, value)
+        monkeypatch.setitem(sys.modules, mod, module)
+    assert integrations.register_mmengine()
+    cls = registry["QuadMambaBackbone"]
+    assert issubclass(cls, QuadMambaBackbone) and issubclass(cls, BaseModule)
+    assert isinstance(cls(arch="quadmamba_nano", kernels="reference")(torch.randn(1, 3, 32, 32)), tuple)
