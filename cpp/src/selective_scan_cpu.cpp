@@ -14,8 +14,6 @@
 #include "quadmamba/selective_scan.h"
 #include "vector_ext.h"
 
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace quadmamba {
 
 namespace {

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from quadmamba.data import DataSpec, augment, build_datasets, check_img_size, datasets_for_spec
+from quadmamba.data import DIGITS, DataSpec, augment, build_datasets, check_img_size, datasets_for_spec
 
 CHECKPOINT_FORMAT = "quadmamba-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -372,8 +372,23 @@ def plot_curves(path: str, rows: List[dict], title: str) -> None:
     _atomic_write(path, lambda tmp: open(tmp, "wb").write(buf.getvalue()))
 
 
-def prepare_output(output: str, resume: bool, force: bool) -> str:
-    """Create the run directory; refuse to overwrite an existing checkpoint unless asked."""
+def require_packages(data: Optional[str]) -> None:
+    """Import the optional packages a run needs (tqdm, matplotlib, and scikit-learn for the
+    digits or Pillow for a folder) before anything is written: a missing one raises
+    ModuleNotFoundError (which the command line turns into the install command) and leaves
+    no empty run folder behind."""
+    import matplotlib  # noqa: F401
+    import tqdm  # noqa: F401
+
+    if data in (None, DIGITS):
+        import sklearn  # noqa: F401
+    else:
+        import PIL  # noqa: F401
+
+
+def check_output(output: str, resume: bool, force: bool) -> str:
+    """The checkpoint path of a run in ``output``, without writing anything: refuses to
+    overwrite an existing checkpoint unless asked, and to resume where there is none."""
     ckpt = os.path.join(output, CHECKPOINT_NAME)
     if resume:
         if not os.path.isfile(ckpt):
@@ -383,6 +398,12 @@ def prepare_output(output: str, resume: bool, force: bool) -> str:
                           "or --force to start over")
     if os.path.exists(output) and not os.path.isdir(output):
         raise OutputError(f"cannot write to {output}: it exists and is not a directory")
+    return ckpt
+
+
+def create_output(output: str) -> None:
+    """Create the run directory (once the run's settings and data have been checked) and
+    make sure it is writable."""
     try:
         os.makedirs(output, exist_ok=True)
         probe = os.path.join(output, f".write-test-{os.getpid()}")
@@ -391,7 +412,6 @@ def prepare_output(output: str, resume: bool, force: bool) -> str:
         os.remove(probe)
     except OSError as exc:
         raise OutputError(f"cannot write to {output}: {exc.strerror or exc}") from None
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +430,8 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
     if cfg is not None and not resume:   # validate before anything is written
         resolve_device(cfg.device)
         check_kernels(cfg.kernels)
-    ckpt_path = prepare_output(output, resume, force)
+        require_packages(cfg.data)
+    ckpt_path = check_output(output, resume, force)
     state = None
     if resume:
         state = load_checkpoint(ckpt_path)
@@ -425,6 +446,7 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
     if state is not None and DataSpec.from_dict(state["data"]).classes != spec.classes:
         raise CheckpointError(f"{cfg.data} no longer has the classes the checkpoint was trained on")
     train_set, test_set = _subset(train_set, cfg.train_limit), _subset(test_set, cfg.test_limit)
+    create_output(output)   # nothing is written before the settings and the data are checked
     num_classes = len(spec.classes)
     model = build_model(cfg, num_classes, spec.in_chans).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)

@@ -267,7 +267,15 @@ def test_bad_data_folders(tmp_path, capsys):
                       "not a readable image", "broken.png")
     assert_main_error(run_main(capsys, "train", "--data", tmp_path / "nope", *tiny), "data folder not found")
     for o in ("o1", "o2", "o3"):
-        assert not (tmp_path / o / "checkpoint.pt").exists()
+        assert not (tmp_path / o).exists()   # nothing written before the data is checked
+
+
+@pytest.mark.parametrize("package", ["sklearn", "matplotlib"])
+def test_missing_optional_package_is_named_before_anything_is_written(tmp_path, capsys, monkeypatch, package):
+    monkeypatch.setitem(__import__("sys").modules, package, None)   # `import package` fails
+    assert_main_error(run_main(capsys, "train", "--img-size", 32, "--epochs", 1, "--kernels", "reference",
+                               "-o", tmp_path / "run"), f"optional package {package!r}", "quadmamba[cli]")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_images_and_sizes(trained_run, tmp_path, capsys):
