@@ -377,13 +377,10 @@ def require_packages(data: Optional[str]) -> None:
     digits or Pillow for a folder) before anything is written: a missing one raises
     ModuleNotFoundError (which the command line turns into the install command) and leaves
     no empty run folder behind."""
-    import matplotlib  # noqa: F401
-    import tqdm  # noqa: F401
+    import importlib
 
-    if data in (None, DIGITS):
-        import sklearn  # noqa: F401
-    else:
-        import PIL  # noqa: F401
+    for name in ("matplotlib", "tqdm", "sklearn" if data in (None, DIGITS) else "PIL"):
+        importlib.import_module(name)
 
 
 def check_output(output: str, resume: bool, force: bool) -> str:

@@ -117,6 +117,7 @@ def test_shift_amounts_paper_and_official():
     official = QuadSS2D(8, ops=REF, shift=(-1, 1), compat="official")
     assert paper.shift_amount(16, 32) == (-2, 4)
     assert official.shift_amount(16, 32) == (-2, 2)
+    assert official.shift_amount(128, 16) == (-16, 0) and official.shift_amount(96, 8) == (-12, 4)  # wrapped
     assert QuadSS2D(8, ops=REF).shift_amount(16, 32) == (0, 0)
     with pytest.raises(ValueError, match="shift"):
         QuadSS2D(8, ops=REF, shift=(2, 1))

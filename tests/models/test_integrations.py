@@ -34,6 +34,10 @@ def test_feature_info_describes_the_maps():
 
 def test_out_indices_from_the_end_and_their_errors():
     assert nano(features_only=True, out_indices=(-4, -2)).config.out_indices == (0, 2)
+    unsorted = nano(features_only=True, out_indices=(3, 1)).eval()   # maps come in stage order
+    assert unsorted.config.out_indices == (1, 3)
+    with torch.no_grad():
+        assert [o.shape[1] for o in unsorted(torch.randn(1, 3, 32, 32))] == unsorted.feature_info.channels() == [32, 128]
     with pytest.raises(ValueError, match=r"out_indices must be distinct .*got \(0, -4\)"):
         nano(features_only=True, out_indices=(0, -4))
     with pytest.raises(ValueError, match="out_indices"):

@@ -441,6 +441,23 @@ def test_optional_integrations_are_lazy_and_safe():
     assert [o.shape[1] for o in dense(torch.randn(1, 3, 32, 32))] == [16, 128]
 
 
+def test_official_shift_wraps_on_tall_grids():
+    """compat="official" rolls both axes by floor(H/8): on a grid 8x taller than wide that is W
+    or more, which torch.roll (the reference) wraps; the fused model wraps it the same way."""
+    torch.manual_seed(0)
+    ref = nano(compat="official", features_only=True).eval()
+    fused = nano(compat="official", features_only=True, kernels="fused").eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 512, 64)   # stage 0 grid 128 x 16: amount 16 = W
+    with torch.no_grad():
+        torch.manual_seed(1)          # official mode draws Gumbel noise in eval: the same draws
+        expected = ref(x)
+        torch.manual_seed(1)
+        got = fused(x)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("compat", ["paper", "official"])
 def test_fused_model_matches_reference_model(compat, device):
     """The fused kernels (on every device) against the plain-PyTorch model on CPU."""

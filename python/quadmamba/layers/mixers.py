@@ -166,9 +166,11 @@ class QuadSS2D(_SSMBase):
         """The roll (sy, sx) applied on a padded (H, W) grid."""
         if self.shift is None:
             return (0, 0)
-        sy = height // 8
-        sx = sy if self.compat == "official" else width // 8
-        return (self.shift[0] * sy, self.shift[1] * sx)
+        sy = self.shift[0] * (height // 8)
+        sx = self.shift[1] * (height // 8 if self.compat == "official" else width // 8)
+        # torch.roll wraps any amount, the quad ops take |s| < size: the official amount
+        # floor(H/8) reaches W on a grid about 8x taller than wide, and is wrapped as roll does.
+        return (sy, sx if abs(sx) < width else sx % width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._project_in(x)

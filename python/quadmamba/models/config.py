@@ -35,7 +35,8 @@ class QuadMambaConfig:
         quad_scan: "quadtree" | "raster" (ablation).
         gumbel_tau: Gumbel-softmax temperature of the quadrant decision.
         features_only: build the dense backbone (per-stage normed maps, no head).
-        out_indices: stages whose outputs the backbone returns (negative: from the end).
+        out_indices: stages whose outputs the backbone returns (negative: from the end), kept
+            sorted: the maps come in stage order.
         name: the variant name (informational).
     """
 
@@ -66,7 +67,8 @@ class QuadMambaConfig:
         if self.dt_rank is not None:
             self.dt_rank = _int("dt_rank", self.dt_rank)
         given_out_indices = self.out_indices
-        self.out_indices = tuple(i + NUM_STAGES if -NUM_STAGES <= i < 0 else i for i in self.out_indices)
+        # in stage order, the order of the maps returned (and of feature_info)
+        self.out_indices = tuple(sorted(i + NUM_STAGES if -NUM_STAGES <= i < 0 else i for i in self.out_indices))
         for key in ("ssm_ratio", "mlp_ratio", "drop_path_rate", "drop_rate", "gumbel_tau"):
             setattr(self, key, _real(key, getattr(self, key)))
         if not isinstance(self.features_only, bool):
