@@ -353,6 +353,13 @@ def test_bad_images_name_the_argument():
         for entry in (model, model.forward_features, model.forward_intermediates, model.partition_maps):
             with pytest.raises(err, match=f"^x must .*{words}"):
                 entry(x)
+    # another dtype than the weights (outside autocast), or another device: said before a conv fails
+    with pytest.raises(TypeError, match=r"^x is torch.bfloat16 but the model's weights are torch.float32"):
+        model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="^x is on meta but the model on cpu"):
+        model(torch.randn(1, 3, 32, 32, device="meta"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).shape == (1, 1000)
 
 
 def test_drop_path_rises_linearly_over_all_blocks_and_norms_use_default_eps():

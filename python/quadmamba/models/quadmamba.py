@@ -233,6 +233,12 @@ class QuadMamba(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"x must have B, H, W >= 1, got shape {tuple(x.shape)}")
+        weight = self.stem.conv1.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model on {weight.device}: move one (model.to(x.device))")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the model's weights are {weight.dtype}: convert one "
+                            "(model.to(dtype) or x.to(dtype)), or run under torch.autocast")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, in_chans, H, W) -> last stage output (B, H_3, W_3, C_3), channel-last."""
