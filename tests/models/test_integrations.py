@@ -48,6 +48,7 @@ def test_classifier_accessors_and_head_dropout():
     model = nano(drop_rate=0.5, num_classes=6)
     assert model.get_classifier() is model.head.fc and model.get_classifier().out_features == 6
     assert model.head.drop.p == 0.5
+    assert model.head_hidden_size == model.num_features == 128
     feats = torch.randn(4, 2, 2, 128)
     model.eval()
     ref = model.forward_head(feats, pre_logits=True)   # dropout off in eval

@@ -187,6 +187,7 @@ class QuadMamba(nn.Module):
         self.stem = Stem(cfg.in_chans, cfg.dims[0])
         num_stages = max(cfg.out_indices) + 1 if cfg.features_only else NUM_STAGES
         self.num_features = cfg.dims[num_stages - 1]   # width of forward_features' output
+        self.head_hidden_size = self.num_features      # timm's name of forward_head's pre_logits width
         total = sum(cfg.depths)
         rates = torch.linspace(0, cfg.drop_path_rate, total).tolist() if total else []
         shifts = shift_schedule(cfg.depths, cfg.quad_stages)
