@@ -36,18 +36,15 @@
 namespace quadmamba {
 
 QuadGeometry make_quad_geometry(int64_t H, int64_t W, int64_t sy, int64_t sx, QuadOrder order) {
-  QM_CHECK(H > 0 && W > 0 && H % 4 == 0 && W % 4 == 0,
-           "quad scan needs H and W positive multiples of 4, got ", H, "x", W);
-  QM_CHECK(sy > -H && sy < H && sx > -W && sx < W, "shift must satisfy |sy| < H and |sx| < W, got (",
-           sy, ", ", sx, ") for ", H, "x", W);
-  QM_CHECK(order == QuadOrder::Quadtree || order == QuadOrder::Official, "unknown quad order ",
-           static_cast<int>(order));
   QuadGeometry g;
   g.H = H;
   g.W = W;
+  g.order = order;
+  check_quad_geometry(g);  // sizes and order (the roll is still 0)
+  QM_CHECK(sy > -H && sy < H && sx > -W && sx < W, "shift must satisfy |sy| < H and |sx| < W, got (",
+           sy, ", ", sx, ") for ", H, "x", W);
   g.sy = wrap_index(sy, H);
   g.sx = wrap_index(sx, W);
-  g.order = order;
   return g;
 }
 

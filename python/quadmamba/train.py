@@ -424,10 +424,6 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
                  log: Callable[[str], None] = print) -> dict:
     """Train (or resume) a run in ``output``; returns the final metrics row plus the held-out
     counts. With resume, ``cfg`` is ignored except for ``device`` (the checkpoint's settings rule)."""
-    if cfg is not None and not resume:   # validate before anything is written
-        resolve_device(cfg.device)
-        check_kernels(cfg.kernels)
-        require_packages(cfg.data)
     ckpt_path = check_output(output, resume, force)
     state = None
     if resume:
@@ -438,12 +434,13 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
         cfg = stored
     device = resolve_device(cfg.device)
     check_kernels(cfg.kernels)
+    require_packages(cfg.data)
     torch.manual_seed(cfg.seed)
     train_set, test_set, spec = build_datasets(cfg.data, cfg.img_size, cfg.in_chans, cfg.seed, cfg.val_fraction)
     if state is not None and DataSpec.from_dict(state["data"]).classes != spec.classes:
         raise CheckpointError(f"{cfg.data} no longer has the classes the checkpoint was trained on")
     train_set, test_set = _subset(train_set, cfg.train_limit), _subset(test_set, cfg.test_limit)
-    create_output(output)   # nothing is written before the settings and the data are checked
+    create_output(output)   # the first write: the settings, packages and data are checked
     num_classes = len(spec.classes)
     model = build_model(cfg, num_classes, spec.in_chans).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)

@@ -116,16 +116,16 @@ class FeatureInfo(list):
         return self._get("module", idx)
 
     def get_dicts(self, keys=None, idx=None):
-        picked = list(self) if idx is None else ([self[i] for i in idx] if isinstance(idx, (tuple, list))
-                                                 else [self[idx]])
-        return [d if keys is None else {k: d[k] for k in keys} for d in picked]
+        return [d if keys is None else {k: d[k] for k in keys} for d in self._pick(idx)]
 
     def _get(self, key, idx):
+        values = [d[key] for d in self._pick(idx)]
+        return values if idx is None or isinstance(idx, (tuple, list)) else values[0]
+
+    def _pick(self, idx) -> list:
         if idx is None:
-            return [d[key] for d in self]
-        if isinstance(idx, (tuple, list)):
-            return [self[i][key] for i in idx]
-        return self[idx][key]
+            return list(self)
+        return [self[i] for i in idx] if isinstance(idx, (tuple, list)) else [self[idx]]
 
 
 def data_config(cfg: QuadMambaConfig) -> dict:
@@ -276,7 +276,7 @@ class QuadMamba(nn.Module):
         if indices is None:
             take = list(range(built))
         elif isinstance(indices, int) and not isinstance(indices, bool):
-            take = list(range(built - indices, built)) if 0 < indices <= built else [-1]
+            take = list(range(built - indices, built)) if 0 < indices <= built else []
         else:
             take = sorted(int(i) + built if int(i) < 0 else int(i) for i in indices)
         if not take or take[0] < 0 or take[-1] >= built or len(set(take)) != len(take):
