@@ -141,6 +141,11 @@ def test_timm_entry_takes_timm_arguments():
         entry(output_stride=16)
     with pytest.raises(ValueError, match="out_indices"):
         entry(features_only=True, out_indices=5)
+    for bad in ("224", (224,), (0, 224), 224.0, True):
+        with pytest.raises(ValueError, match="img_size"):
+            entry(img_size=bad)
+    with pytest.raises(TypeError, match="pretrained_cfg_overlay"):
+        entry(pretrained_cfg_overlay=[("mean", 0.5)])
     with pytest.raises(TypeError, match=r"unsupported arguments \['feature_cls'\]"):
         entry(feature_cls="getter")
 

@@ -40,7 +40,10 @@ def _timm_entry(name: str):
         for key in _TIMM_DROPPED:
             kwargs.pop(key, None)
         overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+        if not isinstance(overlay, dict):
+            raise TypeError(f"{name}: pretrained_cfg_overlay must be a dict, got {overlay!r}")
         img_size = kwargs.pop("img_size", None)
+        size = _image_size(name, img_size) if img_size is not None else None
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         global_pool = kwargs.pop("global_pool", None)
         if global_pool not in (None, "avg"):
@@ -61,8 +64,7 @@ def _timm_entry(name: str):
             raise TypeError(f"{name}: unsupported arguments {unknown}; the model takes {sorted(allowed)} "
                             f"and timm's {list(_TIMM_ARGS)}")
         model = create_model(name, **kwargs)
-        if img_size is not None:
-            size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if size is not None:
             model.pretrained_cfg["input_size"] = (model.config.in_chans, *size)
         model.pretrained_cfg.update(overlay)
         if device is not None or dtype is not None:
@@ -73,6 +75,15 @@ def _timm_entry(name: str):
     entry.__module__ = __name__
     entry.__doc__ = f"timm entry point for {name} (see quadmamba.create_model for the arguments)."
     return entry
+
+
+def _image_size(name: str, img_size) -> tuple:
+    """timm's img_size: an int or an (H, W) pair of positive ints."""
+    pair = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)):
+        raise ValueError(f"{name}: img_size must be a positive int or an (H, W) pair of them, got {img_size!r}")
+    return tuple(pair)
 
 
 def register_timm() -> bool:
