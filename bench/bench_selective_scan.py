@@ -17,11 +17,20 @@ all measured in the same run, fwd+bwd for the loops. Times are the best of sever
   forward  (3 B*KD*L + 2 B*K*N*L) * e     (read u, delta, B, C; write y)
   backward (5 B*KD*L + 4 B*K*N*L) * e     (read u, delta, dy, B, C; write du, ddelta, dB, dC)
 
+With --compare-isa (CPU): the op's forward and fwd+bwd times on each CPU kernel copy this
+machine can run (native, e.g. AVX-512; AVX2 where the CPU has AVX-512; the portable copy),
+each in a child process (the copy is chosen once per process, by the environment), the
+children run in turns for several rounds, best time per copy; ratios to the native copy.
+
 Usage: PYTHONPATH=python python bench/bench_selective_scan.py [--device cpu|cuda] [--quick] [--indexed-loop]
+       PYTHONPATH=python python bench/bench_selective_scan.py --compare-isa [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -121,6 +130,57 @@ def check_baselines(device):
             torch.testing.assert_close(fn(*inputs), y, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+# CPU kernel copies for --compare-isa: name -> environment that selects it
+# (cpp/include/quadmamba/common.h); "avx2" only where the native copy is AVX-512.
+ISA_ENVS = {"native": {}, "avx2": {"QUADMAMBA_CPU_NO_AVX512": "1"}, "portable": {"QUADMAMBA_CPU_GENERIC": "1"}}
+
+
+def op_times(only, reps, min_seconds):
+    """{label/batch: (forward s, fwd+bwd s)} of the op at every selected shape (CPU)."""
+    times = {}
+    for label, batch, groups, channels, length, dstate in SHAPES:
+        if only and only not in label:
+            continue
+        inputs = make_inputs(batch, groups, channels, length, dstate, torch.device("cpu"))
+        times[f"{label} B{batch}"] = fwd_bwd_times(selective_scan, inputs, torch.device("cpu"), reps, min_seconds)
+    return times
+
+
+def compare_isa(args, reps, min_seconds):
+    """The op on each CPU kernel copy, child processes in turns, best of args.rounds."""
+    from quadmamba._backend import core
+
+    native = core().cpu_isa()["selective_scan"]
+    names = [n for n in ISA_ENVS if n != "avx2" or native == "avx512"]
+    best = {}
+    isa_of = {}
+    for _ in range(args.rounds):
+        for name in names:
+            env = {k: v for k, v in os.environ.items() if k not in ("QUADMAMBA_CPU_GENERIC", "QUADMAMBA_CPU_NO_AVX512")}
+            env.update(ISA_ENVS[name])
+            cmd = [sys.executable, __file__, "--child-times", "--reps", str(reps), "--min-seconds", str(min_seconds)]
+            if args.only:
+                cmd += ["--only", args.only]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            isa_of[name] = result["isa"]
+            for shape, (t_f, t_fb) in result["times"].items():
+                old = best.get((name, shape), (float("inf"), float("inf")))
+                best[(name, shape)] = (min(old[0], t_f), min(old[1], t_fb))
+    shapes = [s for (n, s) in best if n == names[0]]
+    header = "| shape | " + " | ".join(f"{n} ({isa_of[n]}) fwd / fwd+bwd ms" for n in names)
+    header += " | " + " | ".join(f"{n} / native" for n in names[1:]) + " |"
+    print(f"selective scan CPU kernel copies, best of {args.rounds} rounds (children in turns); "
+          "ratios: the copy's time / the native copy's time (fwd / fwd+bwd)\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for shape in shapes:
+        cells = [f"{best[(n, shape)][0] * 1e3:.2f} / {best[(n, shape)][1] * 1e3:.2f}" for n in names]
+        base = best[(names[0], shape)]
+        ratios = [f"{best[(n, shape)][0] / base[0]:.2f}x / {best[(n, shape)][1] / base[1]:.2f}x" for n in names[1:]]
+        print(f"| {shape} | " + " | ".join(cells + ratios) + " |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -129,11 +189,29 @@ def main():
     parser.add_argument("--skip-ref", action="store_true", help="do not time the sequential reference")
     parser.add_argument("--indexed-loop", action="store_true",
                         help="also time indexed_loop (slow: about 10 minutes on 2 cores)")
+    parser.add_argument("--compare-isa", action="store_true",
+                        help="time the op on each CPU kernel copy (native, AVX2, portable) side by side")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare-isa: rounds of the child processes")
+    parser.add_argument("--child-times", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--min-seconds", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    reps = 3 if args.quick else 10
-    min_seconds = 0.2 if args.quick else 1.0
+    reps = args.reps or (3 if args.quick else 10)
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.2 if args.quick else 1.0)
+    if args.child_times:
+        from quadmamba._backend import core
+
+        times = op_times(args.only, reps, min_seconds)
+        print(json.dumps({"isa": core().cpu_isa()["selective_scan"], "times": times}))
+        return
+    if args.compare_isa:
+        if device.type != "cpu":
+            parser.error("--compare-isa times the CPU kernels: use --device cpu")
+        print(environment())
+        compare_isa(args, reps, min_seconds)
+        return
 
     print(environment())
     check_baselines(device)

@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 
@@ -6,6 +5,7 @@ import pytest
 import torch
 
 import quadmamba
+from cpu_paths import path_env
 
 
 def _devices():
@@ -25,11 +25,12 @@ def device(request):
 
 @pytest.fixture
 def run_portable():
-    """run_portable(test_file, selection, level="1"): runs `pytest -k selection` on test_file
-    in a subprocess with QUADMAMBA_CPU_GENERIC=level (1: the CPU kernels without their AVX
-    paths; 2: without any x86 intrinsics, as non-x86 builds) and returns the completed process."""
-    def run(test_file, selection, level="1"):
-        env = dict(os.environ, QUADMAMBA_CPU_GENERIC=level)
+    """run_portable(test_file, selection, path="sse2"): runs `pytest -k selection` on test_file
+    in a subprocess on CPU path `path` of cpu_paths.py ("avx2": the selective scan's AVX2 copy on
+    a CPU with AVX-512; "sse2": the CPU kernels without their AVX paths; "portable": without any
+    x86 intrinsics, as non-x86 builds) and returns the completed process."""
+    def run(test_file, selection, path="sse2"):
+        env = path_env(path)
         return subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", selection],
             env=env, capture_output=True, text=True, timeout=600,

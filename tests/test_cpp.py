@@ -5,9 +5,10 @@ The executables are looked up in $QUADMAMBA_CPP_TEST_DIR, else in the newest
 build/*/cpp_tests folder of the checkout. A missing executable is a skip that
 says why, unless QUADMAMBA_REQUIRE_CPP_TESTS=1 (as in CI), where it fails.
 
-Every case runs twice: with the instruction sets the kernels pick on this CPU
-("native"), and with QUADMAMBA_CPU_GENERIC=2 ("portable": no AVX and no x86
-intrinsics, the code non-x86 builds run).
+Every case runs with the instruction sets the kernels pick on this CPU ("native"),
+with the selective scan held at AVX2 where the CPU has AVX-512 ("avx2"), and with
+QUADMAMBA_CPU_GENERIC=2 ("portable": no AVX and no x86 intrinsics, the code non-x86
+builds run); see cpu_paths.py.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cpu_paths import CPU_PATHS, path_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "tests" / "cpp").glob("test_*.cpp"))
@@ -50,10 +52,10 @@ def _cases():
                 yield pytest.param(str(binary), f"{suite}{case}", id=f"{source.stem}::{suite}{case}")
 
 
-ISAS = {"native": None, "portable": "2"}
+ISAS = [p for p in CPU_PATHS if p != "sse2"]
 
 
-@pytest.mark.parametrize("isa", list(ISAS))
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("binary,case", list(_cases()))
 def test_cpp(binary, case, isa):
     if case is None:
@@ -64,12 +66,8 @@ def test_cpp(binary, case, isa):
         if REQUIRED:
             pytest.fail(reason)
         pytest.skip(reason)
-    env = dict(os.environ)
-    env.pop("QUADMAMBA_CPU_GENERIC", None)
-    if ISAS[isa] is not None:
-        env["QUADMAMBA_CPU_GENERIC"] = ISAS[isa]
     result = subprocess.run(
-        [binary, f"--gtest_filter={case}", "--gtest_color=no"], capture_output=True, text=True, env=env
+        [binary, f"--gtest_filter={case}", "--gtest_color=no"], capture_output=True, text=True, env=path_env(isa)
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cpu_paths import CPU_PATHS, path_env
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("QUADMAMBA_REQUIRE_CPP_TESTS") == "1"
@@ -54,19 +55,18 @@ def _build_cpp_tests(build: Path, env: dict, cmake_args=(), targets=()) -> None:
     assert compiled.returncode == 0, compiled.stdout[-4000:] + compiled.stderr[-2000:]
 
 
-def _build_and_run_cpp_tests(build: Path, env: dict, cmake_args=(), levels=("", "2")) -> None:
-    """_build_cpp_tests, then every test executable once per QUADMAMBA_CPU_GENERIC level
-    ("": native paths)."""
-    env = dict(env)
-    env.pop("QUADMAMBA_CPU_GENERIC", None)
+def _build_and_run_cpp_tests(build: Path, env: dict, cmake_args=(), paths=("native", "portable")) -> None:
+    """_build_cpp_tests, then every test executable once per CPU path (cpu_paths.py; "avx2"
+    only where the CPU has AVX-512)."""
+    env = path_env("native", env)
     _build_cpp_tests(build, env, cmake_args)
     binaries = sorted((build / "cpp_tests").glob("test_*"))
     assert [b.name for b in binaries] == sorted(p.stem for p in (ROOT / "tests" / "cpp").glob("test_*.cpp"))
     for binary in binaries:
-        for level in levels:
-            result = _run([str(binary), "--gtest_brief=1"], env=dict(env, QUADMAMBA_CPU_GENERIC=level))
+        for path in (p for p in paths if p in CPU_PATHS):
+            result = _run([str(binary), "--gtest_brief=1"], env=path_env(path, env))
             assert result.returncode == 0, \
-                f"{binary.name} (QUADMAMBA_CPU_GENERIC={level!r}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+                f"{binary.name} ({path}: {CPU_PATHS[path]}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
 
 
 def test_core_with_clang(tmp_path):
@@ -81,21 +81,22 @@ def _need_sanitizer_runtime(runtime: str) -> None:
         _missing(f"the sanitizer runtime {runtime} for {cxx}")
 
 
-def _build_sanitized(build: Path, flags: str, runtime: str, env: dict, extra_args=(), levels=("", "2")) -> None:
+def _build_sanitized(build: Path, flags: str, runtime: str, env: dict, extra_args=(),
+                     paths=("native", "portable")) -> None:
     """_build_and_run_cpp_tests with every object and executable built with `flags`
     (-fsanitize=...), when the compiler has the sanitizer's `runtime` library."""
     _need("cmake")
     _need_sanitizer_runtime(runtime)
     _build_and_run_cpp_tests(build, env, cmake_args=(
         "-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={flags}",
-        *extra_args), levels=levels)
+        *extra_args), paths=paths)
 
 
 def test_core_under_sanitizers(tmp_path):
-    """Every C++ test, on every code path (native, no AVX, no intrinsics), with ASan + UBSan:
-    out-of-bounds or misaligned accesses and undefined arithmetic fail the test."""
+    """Every C++ test, on every code path (native, AVX2 below AVX-512, no AVX, no intrinsics),
+    with ASan + UBSan: out-of-bounds or misaligned accesses and undefined arithmetic fail the test."""
     _build_sanitized(tmp_path / "build", ASAN_UBSAN_FLAGS, "libasan.so", dict(os.environ, **ASAN_UBSAN_ENV),
-                     levels=("", "1", "2"))
+                     paths=tuple(CPU_PATHS))
 
 
 def test_core_on_aarch64_under_qemu(tmp_path):
@@ -126,7 +127,7 @@ def test_cuda_kernels_under_the_cpu_emulator(tmp_path):
     _need_sanitizer_runtime("libasan.so")
     build = tmp_path / "build"
     env = dict(os.environ, **ASAN_UBSAN_ENV)
-    env.pop("QUADMAMBA_CPU_GENERIC", None)
+    env = path_env("native", env)
     _build_cpp_tests(build, env, cmake_args=(
         "-DQUADMAMBA_CUDA_EMULATOR=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
         f"-DQUADMAMBA_CUDA_EMULATOR_FLAGS={ASAN_UBSAN_FLAGS}", f"-DCMAKE_EXE_LINKER_FLAGS={ASAN_UBSAN_FLAGS}"),

@@ -1,7 +1,8 @@
 // Selective scan on the CPU: float32 and float64, parallel over lane groups of
 // 8 neighbouring channels (quadmamba::parallel_for), the time loop sequential.
-// The kernels live in selective_scan_cpu_kernel.inc and are compiled twice on
-// x86_64 with GCC or Clang: generic, and for AVX2+FMA, chosen at run time.
+// The kernels live in selective_scan_cpu_kernel.inc and are compiled three times on
+// x86_64 with GCC or Clang: generic, for AVX2+FMA, and for AVX-512 (16-float row
+// vectors), chosen at run time.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,7 +44,9 @@ struct LaneGroup {
 
 #define QM_SCAN_NS generic
 #define QM_SCAN_AVX2 0
+#define QM_SCAN_ROW_FLOATS 8
 #include "selective_scan_cpu_kernel.inc"
+#undef QM_SCAN_ROW_FLOATS
 #undef QM_SCAN_AVX2
 #undef QM_SCAN_NS
 
@@ -57,7 +60,24 @@ struct LaneGroup {
 #endif
 #define QM_SCAN_NS avx2
 #define QM_SCAN_AVX2 1
+#define QM_SCAN_ROW_FLOATS 8
 #include "selective_scan_cpu_kernel.inc"
+#undef QM_SCAN_ROW_FLOATS
+#undef QM_SCAN_AVX2
+#undef QM_SCAN_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#endif
+#define QM_SCAN_NS avx512
+#define QM_SCAN_AVX2 1
+#define QM_SCAN_ROW_FLOATS 16
+#include "selective_scan_cpu_kernel.inc"
+#undef QM_SCAN_ROW_FLOATS
 #undef QM_SCAN_AVX2
 #undef QM_SCAN_NS
 #if defined(__clang__)
@@ -67,13 +87,23 @@ struct LaneGroup {
 #endif
 #endif
 
-// The AVX2 kernels run when the CPU has AVX2 and FMA, unless cpu_generic_forced().
-bool use_avx2() {
+// The kernel copy this CPU runs: AVX-512 when it has AVX-512 F/VL/DQ/BW and
+// cpu_avx512_allowed(), else AVX2 when it has AVX2 and FMA and not cpu_generic_forced(),
+// else generic. Decided once.
+enum class ScanIsa { generic, avx2, avx512 };
+ScanIsa scan_isa() {
 #if defined(QM_SCAN_HAVE_AVX2)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !cpu_generic_forced();
-  return ok;
+  static const ScanIsa isa = [] {
+    __builtin_cpu_init();
+    if (cpu_generic_forced() || !__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+      return ScanIsa::generic;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+    return avx512 && cpu_avx512_allowed() ? ScanIsa::avx512 : ScanIsa::avx2;
+  }();
+  return isa;
 #else
-  return false;
+  return ScanIsa::generic;
 #endif
 }
 
@@ -108,7 +138,8 @@ void fwd_typed(const SelectiveScanParams& p, const TensorView& u, const TensorVi
                const TensorView& Dskip, const TensorView& delta_bias, const TensorView& y) {
   const auto a = make_args<T>(p, u, delta, A, B, C, Dskip, delta_bias);
 #if defined(QM_SCAN_HAVE_AVX2)
-  if (use_avx2()) return avx2::scan_fwd(a, y.ptr<T>());
+  if (scan_isa() == ScanIsa::avx512) return avx512::scan_fwd(a, y.ptr<T>());
+  if (scan_isa() == ScanIsa::avx2) return avx2::scan_fwd(a, y.ptr<T>());
 #endif
   generic::scan_fwd(a, y.ptr<T>());
 }
@@ -154,7 +185,10 @@ void bwd_typed(const SelectiveScanParams& p, const TensorView& u, const TensorVi
   std::vector<T> dDp(static_cast<size_t>(p.batch * p.channels));
   std::vector<T> dbp(dDp.size());
 #if defined(QM_SCAN_HAVE_AVX2)
-  if (use_avx2()) {
+  if (scan_isa() == ScanIsa::avx512) {
+    avx512::scan_bwd(a, dy.ptr<const T>(), du.ptr<T>(), ddelta.ptr<T>(), dBw, dCw,
+                     dAp.data(), dDp.data(), dbp.data());
+  } else if (scan_isa() == ScanIsa::avx2) {
     avx2::scan_bwd(a, dy.ptr<const T>(), du.ptr<T>(), ddelta.ptr<T>(), dBw, dCw,
                    dAp.data(), dDp.data(), dbp.data());
   } else
@@ -283,6 +317,15 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
     QM_CHECK(false, "selective_scan on the CPU takes float32 or float64, got ", dtype_name(dt));
 }
 
-const char* selective_scan_cpu_isa() { return use_avx2() ? "avx2" : "portable"; }
+const char* selective_scan_cpu_isa() {
+  switch (scan_isa()) {
+    case ScanIsa::avx512:
+      return "avx512";
+    case ScanIsa::avx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
 
 }  // namespace quadmamba

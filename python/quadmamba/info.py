@@ -57,7 +57,8 @@ def kernel_status() -> List[str]:
             lines.append(f"CUDA: {cuda['reason']}")
         isa = core().cpu_isa()
         lines.append(f"CPU instruction sets: selective scan {isa['selective_scan']}, quad scan {isa['quad_scan']} "
-                     f"(QUADMAMBA_CPU_GENERIC=1 turns AVX off, =2 all x86 intrinsics); threads: {torch.get_num_threads()}")
+                     f"(QUADMAMBA_CPU_NO_AVX512=1 holds the scan at AVX2, QUADMAMBA_CPU_GENERIC=1 turns AVX off, "
+                     f"=2 all x86 intrinsics); threads: {torch.get_num_threads()}")
     lines.append(f"torch {torch.__version__}; CUDA device visible to torch: "
                  f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     lines.append("reference kernels (plain PyTorch): always available")

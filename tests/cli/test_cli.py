@@ -215,14 +215,18 @@ def test_info_lists_variants_and_kernels(capsys):
     assert f"{li:,}" in out and "56x56x48" in out and "7x7x384" in out, out
     assert "0.821" in out, out
     assert "compiled core: yes" in out and "reference kernels" in out, out
-    assert re.search(r"CPU instruction sets: selective scan (avx2|portable), quad scan (avx|sse2|portable)", out), out
+    assert re.search(r"CPU instruction sets: selective scan (avx512|avx2|portable), quad scan (avx|sse2|portable)", out), out
 
 
-@pytest.mark.parametrize("level,quad", [("1", "(sse2|portable)"), ("2", "portable")])
-def test_info_reports_the_portable_paths_when_forced(level, quad):
-    proc = run_cli("info", "--model", "quadmamba_nano", env={"QUADMAMBA_CPU_GENERIC": level})
+@pytest.mark.parametrize("env,scan,quad", [
+    ({"QUADMAMBA_CPU_NO_AVX512": "1"}, "(avx2|portable)", "(avx|sse2|portable)"),
+    ({"QUADMAMBA_CPU_GENERIC": "1"}, "portable", "(sse2|portable)"),
+    ({"QUADMAMBA_CPU_GENERIC": "2"}, "portable", "portable"),
+])
+def test_info_reports_the_paths_held_back_by_the_environment(env, scan, quad):
+    proc = run_cli("info", "--model", "quadmamba_nano", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(rf"CPU instruction sets: selective scan portable, quad scan {quad}", proc.stdout), \
+    assert re.search(rf"CPU instruction sets: selective scan {scan}, quad scan {quad}", proc.stdout), \
         proc.stdout
 
 

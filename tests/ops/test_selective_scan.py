@@ -12,6 +12,7 @@ import quadmamba
 from quadmamba import _backend
 from quadmamba.ops import selective_scan
 from quadmamba.ops.reference import selective_scan_chunked_ref, selective_scan_ref
+from cpu_paths import CPU_PATHS
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
@@ -506,12 +507,16 @@ def test_long_sequence(device):
         assert_close(g, gr, f"d{name}", rtol=1e-4, atol_scale=1e-5, extra=extra)
 
 
-def test_generic_cpu_kernels_match_reference(run_portable):
-    """The portable kernels (what CPUs without AVX2/FMA run) pass the same checks: a
-    subprocess with QUADMAMBA_CPU_GENERIC=1 runs a subset of this file."""
+@pytest.mark.parametrize("path", ["sse2", "avx2"])
+def test_other_cpu_kernels_match_reference(run_portable, path):
+    """The kernel copies this CPU does not pick pass the same checks: the portable one (what
+    CPUs without AVX2/FMA run; QUADMAMBA_CPU_GENERIC=1) and, on a CPU with AVX-512, the AVX2
+    one (QUADMAMBA_CPU_NO_AVX512=1). A subprocess runs a subset of this file on each."""
+    if path not in CPU_PATHS:
+        pytest.skip("the CPU has no AVX-512, so the native run is the AVX2 copy")
     selection = "match_reference and (L3- or L17- or L129- or L2049-) or softplus_threshold or gradcheck"
-    proc = run_portable(__file__, selection)
-    assert proc.returncode == 0, f"generic kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    proc = run_portable(__file__, selection, path)
+    assert proc.returncode == 0, f"{path} kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout and "7 passed" in proc.stdout, proc.stdout[-2000:]
 
 

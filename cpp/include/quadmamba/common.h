@@ -54,6 +54,17 @@ inline int cpu_generic_level() {
 // True when QUADMAMBA_CPU_GENERIC is 1 or 2: the CPU kernels skip their AVX / AVX2 paths.
 inline bool cpu_generic_forced() { return cpu_generic_level() >= 1; }
 
+// False when QUADMAMBA_CPU_GENERIC is 1 or 2, or QUADMAMBA_CPU_NO_AVX512=1 (read once): the
+// kernels with an AVX-512 copy then run their AVX2 one (or generic), so that the tests reach
+// the AVX2 code on a machine with AVX-512.
+inline bool cpu_avx512_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("QUADMAMBA_CPU_NO_AVX512");
+    return !cpu_generic_forced() && !(v != nullptr && std::string(v) == "1");
+  }();
+  return allowed;
+}
+
 }  // namespace quadmamba
 
 #define QM_CHECK(cond, ...)                                                  \

@@ -104,9 +104,11 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& dB, const TensorView& dC, const TensorView& dDskip,
                             const TensorView& ddelta_bias);
 
-// The instruction set the CPU kernels above run with on this machine: "avx2" (AVX2 + FMA)
-// or "portable" (the 8-lane vector code as the compiler lowers it for the target, e.g.
-// SSE2 or NEON pairs). QUADMAMBA_CPU_GENERIC=1 (or 2) forces "portable" (common.h).
+// The instruction set the CPU kernels above run with on this machine: "avx512" (AVX-512
+// F/VL/DQ/BW: the elementwise work on 16-float vectors), "avx2" (AVX2 + FMA) or "portable"
+// (the 8-lane vector code as the compiler lowers it for the target, e.g. SSE2 or NEON
+// pairs). QUADMAMBA_CPU_GENERIC=1 (or 2) forces "portable", QUADMAMBA_CPU_NO_AVX512=1 at
+// most "avx2" (common.h).
 const char* selective_scan_cpu_isa();
 
 // Sequence positions one CUDA thread block handles per step (the chunk length).

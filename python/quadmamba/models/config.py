@@ -150,7 +150,8 @@ def list_models() -> list:
 
 
 def get_config(name: str, **overrides) -> QuadMambaConfig:
-    """The configuration of a named variant, with field overrides (unknown fields raise)."""
+    """The configuration of a named variant, with field overrides (unknown fields raise;
+    drop_path_rate=None keeps the variant's default)."""
     if name not in _VARIANTS:
         raise ValueError(f"unknown model {name!r}; valid names: {list_models()}")
     valid = {f.name for f in fields(QuadMambaConfig)}
@@ -160,4 +161,6 @@ def get_config(name: str, **overrides) -> QuadMambaConfig:
     dims, depths, ratio, dpr = _VARIANTS[name]
     settings = dict(dims=dims, depths=depths, ssm_ratio=ratio, drop_path_rate=dpr, name=name)
     settings.update(overrides)
+    if settings["drop_path_rate"] is None:
+        settings["drop_path_rate"] = dpr
     return QuadMambaConfig(**settings)

@@ -123,11 +123,9 @@ class QuadMambaBackbone(QuadMamba):
                  frozen_stages: int = -1, init_cfg: Optional[dict] = None, drop_path_rate=None,
                  compat: str = "paper", kernels: str = "fused", quad_scan: str = "quadtree",
                  in_chans: int = 3, gumbel_tau: float = 1.0):
-        overrides = dict(features_only=True, out_indices=out_indices, compat=compat, kernels=kernels,
-                         quad_scan=quad_scan, in_chans=in_chans, gumbel_tau=gumbel_tau)
-        if drop_path_rate is not None:
-            overrides["drop_path_rate"] = drop_path_rate
-        super().__init__(get_config(arch, **overrides))
+        super().__init__(get_config(
+            arch, features_only=True, out_indices=out_indices, drop_path_rate=drop_path_rate, compat=compat,
+            kernels=kernels, quad_scan=quad_scan, in_chans=in_chans, gumbel_tau=gumbel_tau))
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) \
                 or not -1 <= frozen_stages <= len(self.stages):
             raise ValueError(f"frozen_stages must be an int in -1..{len(self.stages)}, got {frozen_stages!r}")

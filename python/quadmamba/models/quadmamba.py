@@ -431,9 +431,7 @@ def create_model(name: str, *, num_classes: int = 1000, drop_path_rate: Optional
     """
     from quadmamba.models.config import get_config
 
-    overrides = dict(num_classes=num_classes, drop_rate=drop_rate, compat=compat, kernels=kernels, quad_scan=quad_scan,
-                     features_only=features_only, out_indices=out_indices, in_chans=in_chans,
-                     gumbel_tau=gumbel_tau)
-    if drop_path_rate is not None:
-        overrides["drop_path_rate"] = drop_path_rate
-    return QuadMamba(get_config(name, **overrides))
+    return QuadMamba(get_config(
+        name, num_classes=num_classes, drop_path_rate=drop_path_rate, drop_rate=drop_rate, compat=compat,
+        kernels=kernels, quad_scan=quad_scan, features_only=features_only, out_indices=out_indices,
+        in_chans=in_chans, gumbel_tau=gumbel_tau))
