@@ -130,9 +130,10 @@ def check_baselines(device):
             torch.testing.assert_close(fn(*inputs), y, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-# CPU kernel copies for --compare-isa: name -> environment that selects it
-# (cpp/include/quadmamba/common.h); "avx2" only where the native copy is AVX-512.
-ISA_ENVS = {"native": {}, "avx2": {"QUADMAMBA_CPU_NO_AVX512": "1"}, "portable": {"QUADMAMBA_CPU_GENERIC": "1"}}
+# CPU kernel copies for --compare-isa: name -> environment that selects it, as the tests name
+# them (tests/cpu_paths.py; cpp/include/quadmamba/common.h); "avx2" only where the native copy
+# is AVX-512.
+ISA_ENVS = {"native": {}, "avx2": {"QUADMAMBA_CPU_NO_AVX512": "1"}, "portable": {"QUADMAMBA_CPU_GENERIC": "2"}}
 
 
 def op_times(only, reps, min_seconds):

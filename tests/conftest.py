@@ -24,8 +24,8 @@ def device(request):
 
 
 @pytest.fixture
-def run_portable():
-    """run_portable(test_file, selection, path="sse2"): runs `pytest -k selection` on test_file
+def run_on_cpu_path():
+    """run_on_cpu_path(test_file, selection, path="sse2"): runs `pytest -k selection` on test_file
     in a subprocess on CPU path `path` of cpu_paths.py ("avx2": the selective scan's AVX2 copy on
     a CPU with AVX-512; "sse2": the CPU kernels without their AVX paths; "portable": without any
     x86 intrinsics, as non-x86 builds) and returns the completed process."""

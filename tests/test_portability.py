@@ -71,7 +71,7 @@ def _build_and_run_cpp_tests(build: Path, env: dict, cmake_args=(), paths=("nati
 
 def test_core_with_clang(tmp_path):
     _need("clang", "clang++", "cmake")
-    _build_and_run_cpp_tests(tmp_path / "build", dict(os.environ, CC="clang", CXX="clang++"))
+    _build_and_run_cpp_tests(tmp_path / "build", dict(os.environ, CC="clang", CXX="clang++"), paths=tuple(CPU_PATHS))
 
 
 def _need_sanitizer_runtime(runtime: str) -> None:

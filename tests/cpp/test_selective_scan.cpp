@@ -231,6 +231,23 @@ TEST(SelectiveScanCpu, MatchesNaiveLoopFloat) {
   }
 }
 
+// The steps that pad a tile's last row vector (past L) must not reach the gradients: with a
+// positive A and a large bias, exp(A softplus(bias)) overflows, and a padding of
+// softplus(bias) instead of 0 turned dA and dbias into NaN. L = 20, 24, 72 end tiles
+// 4, 8 and 8 steps into a row vector (8 or 16 steps wide).
+TEST(SelectiveScanCpu, PaddingStepsDoNotReachGradients) {
+  uint32_t seed = 300;
+  for (int64_t L : {20, 24, 72}) {
+    const Shape s{2, 2, 9, 1, L, true, true, true};
+    Problem p = make_problem(s, seed++);
+    for (double& v : p.A) v = 10.0;
+    for (double& v : p.bias) v = 10.0;
+    for (double& v : p.delta) v = -20.0;
+    expect_grads(run_cpu<double>(p), naive(p), s, "double", 1e-10, 1e-10);
+    expect_grads(run_cpu<float>(p), naive(p), s, "float", 1e-4, 1e-5);
+  }
+}
+
 TEST(SelectiveScanCpu, RejectsBadShapes) {
   std::vector<float> buf(64, 0.f);
   const TensorView u(buf.data(), DType::Float32, {1, 4, 2}), A(buf.data(), DType::Float32, {4, 1}),

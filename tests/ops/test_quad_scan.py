@@ -563,10 +563,10 @@ def test_cuda_tensors_in_cpu_build_raise():
 
 
 @pytest.mark.parametrize("path", ["sse2", "portable"])
-def test_portable_cpu_kernels_match_reference(run_portable, path):
+def test_portable_cpu_kernels_match_reference(run_on_cpu_path, path):
     """The kernels without their AVX paths ("sse2": what x86 CPUs without AVX run) and without
     any x86 intrinsics ("portable": what non-x86 builds run) pass the same checks: a subprocess
     on that CPU path (QUADMAMBA_CPU_GENERIC=1 or 2) runs the kernel-vs-reference tests of this file."""
-    proc = run_portable(__file__, "cpu and not portable", path)
+    proc = run_on_cpu_path(__file__, "cpu and not portable", path)
     assert proc.returncode == 0, f"portable kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout, proc.stdout[-2000:]

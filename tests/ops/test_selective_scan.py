@@ -3,6 +3,8 @@ selective_scan_chunked_ref where the sequential reference's autograd is too slow
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import quadmamba
 from quadmamba import _backend
 from quadmamba.ops import selective_scan
 from quadmamba.ops.reference import selective_scan_chunked_ref, selective_scan_ref
-from cpu_paths import CPU_PATHS
+from cpu_paths import path_env
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
@@ -508,14 +510,20 @@ def test_long_sequence(device):
 
 
 @pytest.mark.parametrize("path", ["sse2", "avx2"])
-def test_other_cpu_kernels_match_reference(run_portable, path):
+def test_other_cpu_kernels_match_reference(run_on_cpu_path, path):
     """The kernel copies this CPU does not pick pass the same checks: the portable one (what
-    CPUs without AVX2/FMA run; QUADMAMBA_CPU_GENERIC=1) and, on a CPU with AVX-512, the AVX2
-    one (QUADMAMBA_CPU_NO_AVX512=1). A subprocess runs a subset of this file on each."""
-    if path not in CPU_PATHS:
-        pytest.skip("the CPU has no AVX-512, so the native run is the AVX2 copy")
+    CPUs without AVX2/FMA run; QUADMAMBA_CPU_GENERIC=1) and, where the native copy is AVX-512,
+    the AVX2 one (QUADMAMBA_CPU_NO_AVX512=1). A subprocess runs a subset of this file on each,
+    after a check that the environment selects that copy."""
+    expected = {"sse2": "portable", "avx2": "avx2"}[path]
+    if path == "avx2" and _backend.core().cpu_isa()["selective_scan"] != "avx512":
+        pytest.skip("the native copy is not AVX-512, so the native runs test the AVX2 copy")
+    probe = subprocess.run(
+        [sys.executable, "-c", "from quadmamba._backend import core; print(core().cpu_isa()['selective_scan'])"],
+        env=path_env(path), capture_output=True, text=True)
+    assert probe.stdout.strip() == expected, (probe.stdout, probe.stderr[-2000:])
     selection = "match_reference and (L3- or L17- or L129- or L2049-) or softplus_threshold or gradcheck"
-    proc = run_portable(__file__, selection, path)
+    proc = run_on_cpu_path(__file__, selection, path)
     assert proc.returncode == 0, f"{path} kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout and "7 passed" in proc.stdout, proc.stdout[-2000:]
 
