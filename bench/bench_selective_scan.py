@@ -19,11 +19,12 @@ all measured in the same run, fwd+bwd for the loops. Times are the best of sever
 
 With --compare-isa (CPU): the op's forward and fwd+bwd times on each CPU kernel copy this
 machine can run (native, e.g. AVX-512; AVX2 where the CPU has AVX-512; the portable copy),
+and the kernels alone (the core's entry points on preallocated outputs, ns per element),
 each in a child process (the copy is chosen once per process, by the environment), the
 children run in turns for several rounds, best time per copy; ratios to the native copy.
 
 Usage: PYTHONPATH=python python bench/bench_selective_scan.py [--device cpu|cuda] [--quick] [--indexed-loop]
-       PYTHONPATH=python python bench/bench_selective_scan.py --compare-isa [--rounds 3]
+       PYTHONPATH=python python bench/bench_selective_scan.py --compare-isa [--rounds 3] [--threads 1]
 """
 from __future__ import annotations
 
@@ -136,19 +137,43 @@ def check_baselines(device):
 ISA_ENVS = {"native": {}, "avx2": {"QUADMAMBA_CPU_NO_AVX512": "1"}, "portable": {"QUADMAMBA_CPU_GENERIC": "2"}}
 
 
+def kernel_times(inputs, reps, min_seconds):
+    """(forward s, backward s) of the core's CPU entry points on preallocated outputs: the
+    kernels without the op's checks, allocations and autograd."""
+    from quadmamba._backend import core, view
+
+    u, delta, A, B, C, D, bias = inputs
+    y, du, ddelta = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+    dy = torch.randn_like(u)
+    dA, dB, dC, dD, dbias = (torch.empty_like(t) for t in (A, B, C, D, bias))
+    ins = [view(t) for t in inputs]
+    outs = [view(t) for t in (du, ddelta, dA, dB, dC, dD, dbias)]
+    vy, vdy = view(y), view(dy)
+    cpu = torch.device("cpu")
+    t_f = time_fn(lambda: core().selective_scan_fwd(*ins, True, vy, 0), cpu, warmup=1, reps=reps,
+                  min_seconds=min_seconds)
+    t_b = time_fn(lambda: core().selective_scan_bwd(*ins, True, vdy, *outs, None, None, None, 0), cpu,
+                  warmup=1, reps=reps, min_seconds=min_seconds)
+    return t_f, t_b
+
+
 def op_times(only, reps, min_seconds):
-    """{label/batch: (forward s, fwd+bwd s)} of the op at every selected shape (CPU)."""
+    """{label/batch: (op forward s, op fwd+bwd s, kernel forward s, kernel backward s, elements)}
+    at every selected shape (CPU)."""
     times = {}
     for label, batch, groups, channels, length, dstate in SHAPES:
         if only and only not in label:
             continue
         inputs = make_inputs(batch, groups, channels, length, dstate, torch.device("cpu"))
-        times[f"{label} B{batch}"] = fwd_bwd_times(selective_scan, inputs, torch.device("cpu"), reps, min_seconds)
+        t_f, t_fb = fwd_bwd_times(selective_scan, inputs, torch.device("cpu"), reps, min_seconds)
+        k_f, k_b = kernel_times(inputs, reps, min_seconds)
+        times[f"{label} B{batch}"] = (t_f, t_fb, k_f, k_b, batch * channels * length)
     return times
 
 
 def compare_isa(args, reps, min_seconds):
-    """The op on each CPU kernel copy, child processes in turns, best of args.rounds."""
+    """The op and its kernels on each CPU kernel copy, child processes in turns, best of
+    args.rounds."""
     from quadmamba._backend import core
 
     native = core().cpu_isa()["selective_scan"]
@@ -159,27 +184,32 @@ def compare_isa(args, reps, min_seconds):
         for name in names:
             env = {k: v for k, v in os.environ.items() if k not in ("QUADMAMBA_CPU_GENERIC", "QUADMAMBA_CPU_NO_AVX512")}
             env.update(ISA_ENVS[name])
-            cmd = [sys.executable, __file__, "--child-times", "--reps", str(reps), "--min-seconds", str(min_seconds)]
+            cmd = [sys.executable, __file__, "--child-times", "--reps", str(reps), "--min-seconds", str(min_seconds),
+                   "--threads", str(torch.get_num_threads())]
             if args.only:
                 cmd += ["--only", args.only]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             isa_of[name] = result["isa"]
-            for shape, (t_f, t_fb) in result["times"].items():
-                old = best.get((name, shape), (float("inf"), float("inf")))
-                best[(name, shape)] = (min(old[0], t_f), min(old[1], t_fb))
+            for shape, times in result["times"].items():
+                old = best.get((name, shape), [float("inf")] * 4 + [times[4]])
+                best[(name, shape)] = [min(o, t) for o, t in zip(old[:4], times[:4])] + [times[4]]
     shapes = [s for (n, s) in best if n == names[0]]
-    header = "| shape | " + " | ".join(f"{n} ({isa_of[n]}) fwd / fwd+bwd ms" for n in names)
-    header += " | " + " | ".join(f"{n} / native" for n in names[1:]) + " |"
-    print(f"selective scan CPU kernel copies, best of {args.rounds} rounds (children in turns); "
-          "ratios: the copy's time / the native copy's time (fwd / fwd+bwd)\n")
+    print(f"selective scan CPU kernel copies, {torch.get_num_threads()} threads, best of {args.rounds} rounds "
+          "(children in turns). op: fwd / fwd+bwd ms and the ratio of each copy's time to the native "
+          "copy's; kernel: the core entry points on preallocated outputs, fwd / bwd ns per element of u\n")
+    header = ("| shape | " + " | ".join(f"{n} ({isa_of[n]}) op ms" for n in names) + " | "
+              + " | ".join(f"{n} / native" for n in names[1:]) + " | "
+              + " | ".join(f"{n} kernel ns" for n in names) + " |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for shape in shapes:
-        cells = [f"{best[(n, shape)][0] * 1e3:.2f} / {best[(n, shape)][1] * 1e3:.2f}" for n in names]
-        base = best[(names[0], shape)]
-        ratios = [f"{best[(n, shape)][0] / base[0]:.2f}x / {best[(n, shape)][1] / base[1]:.2f}x" for n in names[1:]]
-        print(f"| {shape} | " + " | ".join(cells + ratios) + " |", flush=True)
+        row = {n: best[(n, shape)] for n in names}
+        base = row[names[0]]
+        cells = [f"{row[n][0] * 1e3:.2f} / {row[n][1] * 1e3:.2f}" for n in names]
+        cells += [f"{row[n][0] / base[0]:.2f}x / {row[n][1] / base[1]:.2f}x" for n in names[1:]]
+        cells += [f"{row[n][2] / row[n][4] * 1e9:.2f} / {row[n][3] / row[n][4] * 1e9:.2f}" for n in names]
+        print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main():
@@ -193,10 +223,15 @@ def main():
     parser.add_argument("--compare-isa", action="store_true",
                         help="time the op on each CPU kernel copy (native, AVX2, portable) side by side")
     parser.add_argument("--rounds", type=int, default=3, help="--compare-isa: rounds of the child processes")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's)")
     parser.add_argument("--child-times", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--min-seconds", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     reps = args.reps or (3 if args.quick else 10)
