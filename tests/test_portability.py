@@ -126,8 +126,7 @@ def test_cuda_kernels_under_the_cpu_emulator(tmp_path):
     _need("cmake")
     _need_sanitizer_runtime("libasan.so")
     build = tmp_path / "build"
-    env = dict(os.environ, **ASAN_UBSAN_ENV)
-    env = path_env("native", env)
+    env = path_env("native", dict(os.environ, **ASAN_UBSAN_ENV))
     _build_cpp_tests(build, env, cmake_args=(
         "-DQUADMAMBA_CUDA_EMULATOR=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
         f"-DQUADMAMBA_CUDA_EMULATOR_FLAGS={ASAN_UBSAN_FLAGS}", f"-DCMAKE_EXE_LINKER_FLAGS={ASAN_UBSAN_FLAGS}"),
