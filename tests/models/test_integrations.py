@@ -102,6 +102,68 @@ def test_forward_intermediates_timm_signature():
         model.forward_intermediates(x, output_fmt="NLC")
 
 
+def test_prune_intermediate_layers():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 96)
+    whole = nano().eval()
+    with torch.no_grad():
+        maps, _ = whole.forward_intermediates(x)
+    # a classifier pruned to stages 0 and 1: the later stages, stage 1's downsample and the head go
+    model = nano().eval()
+    model.load_state_dict(whole.state_dict())
+    assert model.prune_intermediate_layers([0, -3]) == [0, 1]
+    assert len(model.stages) == 2 and isinstance(model.stages[1].downsample, torch.nn.Identity)
+    assert model.head is None and model.num_classes == 0 and model.pretrained_cfg["num_classes"] == 0
+    assert model.num_features == model.head_hidden_size == 32
+    assert model.feature_info.channels() == [16, 32] and model.feature_info.reduction() == [4, 8]
+    assert not any(k.startswith(("stages.2", "stages.3", "stages.1.downsample", "head"))
+                   for k in model.state_dict())
+    with torch.no_grad():
+        got, final = model.forward_intermediates(x)
+    assert len(got) == 2
+    for a, b in zip(got, maps[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(final, got[1].permute(0, 2, 3, 1), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="prune_intermediate_layers"):
+        model(x)
+    # keeping the head needs the last stage; then only the out-norms could change (a classifier has none)
+    with pytest.raises(ValueError, match="prune_head=False"):
+        nano().prune_intermediate_layers([2], prune_head=False)
+    keep = nano().eval()
+    keep.load_state_dict(whole.state_dict())
+    assert keep.prune_intermediate_layers(prune_head=False) == [3]
+    assert keep.state_dict().keys() == whole.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(keep(x), whole(x), rtol=0, atol=0)
+    for bad in ([4], 0, [1, 1]):
+        with pytest.raises(ValueError, match="indices"):
+            nano().prune_intermediate_layers(bad)
+    # a backbone: forward returns the kept stages; the out-norms of removed stages go, and with
+    # prune_norm all of them (the maps are then the stages' own outputs)
+    dense = nano(features_only=True).eval()
+    dense.load_state_dict({k: v for k, v in whole.state_dict().items() if not k.startswith("head.")}
+                          | {k: v for k, v in dense.state_dict().items() if k.startswith("out_norms.")})
+    with torch.no_grad():
+        normed = dense(x)
+    pruned = nano(features_only=True).eval()
+    pruned.load_state_dict(dense.state_dict())
+    assert pruned.prune_intermediate_layers((1, 2)) == [1, 2]
+    assert sorted(pruned.out_norms) == ["0", "1", "2"] and pruned.config.out_indices == (1, 2)
+    with torch.no_grad():
+        got = pruned(x)
+    assert len(got) == 2
+    torch.testing.assert_close(got[0], normed[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], normed[2], rtol=0, atol=0)
+    bare = nano(features_only=True).eval()
+    bare.load_state_dict(dense.state_dict())
+    assert bare.prune_intermediate_layers(2, prune_norm=True) == [2, 3]
+    assert len(bare.out_norms) == 0
+    with torch.no_grad():
+        got = bare(x)
+    torch.testing.assert_close(got[0], maps[2], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], maps[3], rtol=0, atol=0)
+
+
 def test_group_matcher_orders_every_parameter_by_depth():
     model = nano()
     fine, coarse = model.group_matcher(), model.group_matcher(coarse=True)

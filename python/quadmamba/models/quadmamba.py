@@ -170,6 +170,10 @@ def window_ids(decision: torch.Tensor, size: Tuple[int, int], shift: Tuple[int, 
     return ids[:, :crop[0], :crop[1]]
 
 
+_NO_HEAD = ("this model has no classifier head (a features_only backbone, or a model whose head "
+            "prune_intermediate_layers removed); use forward_intermediates")
+
+
 class QuadMamba(nn.Module):
     """QuadMamba classifier, or dense backbone with ``config.features_only``.
 
@@ -250,7 +254,7 @@ class QuadMamba(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, H_3, W_3, C_3) -> logits (B, classes), or pooled features with pre_logits."""
         if self.head is None:
-            raise RuntimeError("a features_only model has no classifier head")
+            raise RuntimeError(_NO_HEAD)
         return self.head(x, pre_logits=pre_logits)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
@@ -272,6 +276,21 @@ class QuadMamba(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take = self._take_indices(indices)
+        last = take[-1] if (stop_early or intermediates_only) else len(self.stages) - 1
+        maps, final = [], None
+        for i, out, _ in self._stage_outputs(x, last):
+            if i in take:
+                normed = out
+                if norm and self.out_norms is not None and str(i) in self.out_norms:
+                    normed = self.out_norms[str(i)](out)
+                maps.append(normed.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else normed)
+            final = out   # as forward_features: not normed
+        return maps if intermediates_only else (maps, final)
+
+    def _take_indices(self, indices: Union[int, Sequence[int], None]) -> List[int]:
+        """The sorted stage indices that ``indices`` selects among the built stages (a sequence,
+        negative from the end; an int n: the last n; None: all)."""
         built = len(self.stages)
         if indices is None:
             take = list(range(built))
@@ -282,16 +301,43 @@ class QuadMamba(nn.Module):
         if not take or take[0] < 0 or take[-1] >= built or len(set(take)) != len(take):
             raise ValueError(f"indices must select distinct stages in 0..{built - 1} (negative: from the "
                              f"end; an int n: the last n), got {indices!r}")
-        last = take[-1] if (stop_early or intermediates_only) else built - 1
-        maps, final = [], None
-        for i, out, _ in self._stage_outputs(x, last):
-            if i in take:
-                normed = out
-                if norm and self.out_norms is not None and str(i) in self.out_norms:
-                    normed = self.out_norms[str(i)](out)
-                maps.append(normed.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else normed)
-            final = out   # as forward_features: not normed
-        return maps if intermediates_only else (maps, final)
+        return take
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int], None] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Remove what ``forward_intermediates(x, indices)`` does not use (timm's signature):
+        the stages after the last one taken and that stage's downsample; with prune_head the
+        classifier head; with prune_norm the out-norms (a backbone's; the out-norms of removed
+        stages go in any case). ``num_features``, ``feature_info`` and a backbone's
+        ``out_indices`` (what forward returns) follow the kept stages.
+
+        Args:
+            indices: as forward_intermediates (default: the last stage).
+            prune_norm: drop the out-norms (maps are then returned as the stages give them).
+            prune_head: drop the classifier head (forward then raises; use forward_intermediates).
+                Without it the head stays, which needs the last stage kept.
+
+        Returns:
+            the kept stage indices, sorted (pass them to forward_intermediates).
+        """
+        take = self._take_indices(indices)
+        last = take[-1]
+        if not prune_head and self.head is not None and last < len(self.stages) - 1:
+            raise ValueError(f"prune_head=False keeps the classifier head, which reads the last stage "
+                             f"({len(self.stages) - 1}); indices {indices!r} end at stage {last}")
+        del self.stages[last + 1:]
+        self.stages[last].downsample = nn.Identity()
+        self.num_features = self.head_hidden_size = self.config.dims[last]
+        self.feature_info = FeatureInfo(d for d in self.feature_info if int(d["module"].split(".")[1]) <= last)
+        if self.out_norms is not None:
+            for key in [k for k in self.out_norms if prune_norm or int(k) > last]:
+                del self.out_norms[key]
+        if self.config.features_only:
+            self.config = dataclasses.replace(self.config, out_indices=tuple(take))
+        if prune_head and self.head is not None:
+            self.head = None
+            self.num_classes = self.pretrained_cfg["num_classes"] = 0
+        return take
 
     def forward(self, x: torch.Tensor):
         """Classifier: logits (B, classes). Backbone: list of (B, C_i, H_i, W_i) for out_indices."""
@@ -303,14 +349,14 @@ class QuadMamba(nn.Module):
     def get_classifier(self) -> nn.Module:
         """The final Linear (Identity when num_classes is 0)."""
         if self.head is None:
-            raise RuntimeError("a features_only model has no classifier head")
+            raise RuntimeError(_NO_HEAD)
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the final Linear by a fresh one with ``num_classes`` outputs (0: Identity).
         global_pool: None or "avg" (the only pooling; timm's argument)."""
         if self.head is None:
-            raise RuntimeError("a features_only model has no classifier head")
+            raise RuntimeError(_NO_HEAD)
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool must be 'avg' (the head's pooling) or None, got {global_pool!r}")
         self.config = dataclasses.replace(self.config, num_classes=num_classes)   # checks the value
