@@ -2,6 +2,7 @@
 // CUDA kernels against the CPU ones when a device is present.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <random>
 #include <string>
@@ -341,20 +342,23 @@ TEST(QuadScanCuda, HalfAndBFloat16MatchCpu) {
 TEST(CrossScanCuda, GridStrideLoopMatchesCpu) {
 #if defined(QUADMAMBA_WITH_CUDA)
   if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  // D * L = 1,064,960 outputs per batch element and direction: more than the 4096 blocks of
-  // 256 threads of the grid, so threads take a second turn of the grid-stride loop.
-  const int64_t B = 2, D = 65, H = 128, W = 128, L = H * W;
-  const auto x = randn<float>(B * D * L, 21), ys = randn<float>(B * 4 * D * L, 22);
-  std::vector<float> out(B * 4 * D * L, NAN), y(B * D * L, NAN);
-  cross_scan_fwd_cpu(TensorView(const_cast<float*>(x.data()), DType::Float32, {B, D, H, W}),
-                     TensorView(out.data(), DType::Float32, {B, 4, D, L}));
-  cross_merge_fwd_cpu(TensorView(const_cast<float*>(ys.data()), DType::Float32, {B, 4, D, L}),
-                      TensorView(y.data(), DType::Float32, {B, D, H, W}));
-  DeviceBuffer<float> xd(x), ysd(ys), outd(std::vector<float>(out.size(), NAN)), yd(std::vector<float>(y.size(), NAN));
-  cross_scan_fwd_cuda(xd.view({B, D, H, W}), outd.view({B, 4, D, L}), nullptr);
-  cross_merge_fwd_cuda(ysd.view({B, 4, D, L}), yd.view({B, D, H, W}), nullptr);
-  expect_close(outd.get(), out, 0, "cross_scan_fwd");
-  expect_close(yd.get(), y, 1e-6, "cross_merge_fwd");
+  // B * D * L = 2,129,920 outputs per direction: more than the grid's 4096 blocks of 256
+  // threads, so threads take further turns of the grid-stride loop; then a batch of 65537
+  // (the batch is not a grid dimension: no limit of 65535).
+  for (const auto [B, D, H, W] : {std::array<int64_t, 4>{2, 65, 128, 128}, {65537, 1, 4, 4}}) {
+    const int64_t L = H * W;
+    const auto x = randn<float>(B * D * L, 21), ys = randn<float>(B * 4 * D * L, 22);
+    std::vector<float> out(B * 4 * D * L, NAN), y(B * D * L, NAN);
+    cross_scan_fwd_cpu(TensorView(const_cast<float*>(x.data()), DType::Float32, {B, D, H, W}),
+                       TensorView(out.data(), DType::Float32, {B, 4, D, L}));
+    cross_merge_fwd_cpu(TensorView(const_cast<float*>(ys.data()), DType::Float32, {B, 4, D, L}),
+                        TensorView(y.data(), DType::Float32, {B, D, H, W}));
+    DeviceBuffer<float> xd(x), ysd(ys), outd(std::vector<float>(out.size(), NAN)), yd(std::vector<float>(y.size(), NAN));
+    cross_scan_fwd_cuda(xd.view({B, D, H, W}), outd.view({B, 4, D, L}), nullptr);
+    cross_merge_fwd_cuda(ysd.view({B, 4, D, L}), yd.view({B, D, H, W}), nullptr);
+    expect_close(outd.get(), out, 0, "cross_scan_fwd");
+    expect_close(yd.get(), y, 1e-6, "cross_merge_fwd");
+  }
 #else
   GTEST_SKIP() << "built without CUDA kernels";
 #endif
