@@ -3,6 +3,7 @@ plain arguments the binding takes (see cpp/bindings/module.cpp)."""
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 _C = None
 _OPENMP = True  # whether the kernels run on the OpenMP runtime (read from _C on first use)
@@ -52,6 +53,25 @@ def view(t: torch.Tensor | None):
     else:
         raise ValueError(f"quadmamba kernels run on CPU or CUDA tensors, got device {dev}")
     return (t.data_ptr(), code, index, tuple(t.shape), t.stride())
+
+
+def reject_forward_ad(op: str, *tensors) -> None:
+    """Raises NotImplementedError when forward-mode AD (torch.func.jvp,
+    torch.autograd.forward_ad) would carry a tangent into ``op``. The ops have reverse-mode
+    formulas only, and PyTorch drops a custom op's tangents without a word (a zero jvp)."""
+    if fwAD._current_level < 0:   # no dual level open: no tangents anywhere (the common case)
+        return
+    for t in tensors:
+        if t is None:
+            continue
+        try:
+            dual = fwAD.unpack_dual(t).tangent is not None
+        except RuntimeError:      # a transform that cannot unpack it (vmap inside jvp): assume one
+            dual = True
+        if dual:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported, "
+                "the tangents would be lost; use reverse mode (backward, torch.autograd.grad)")
 
 
 def stream(t: torch.Tensor) -> int:

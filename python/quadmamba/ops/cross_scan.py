@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quadmamba._backend import core, stream, view
+from quadmamba._backend import core, reject_forward_ad, stream, view
 from quadmamba.ops.quad_scan import _check_size, _check_tensor, _kernel_data
 
 __all__ = ["cross_scan", "cross_merge"]
@@ -81,6 +81,7 @@ def cross_scan(x: Tensor) -> Tensor:
     """
     _check_tensor(x, "x", 4, "(B, D, H, W)")
     _check_size(tuple(x.shape[2:]), "x's (H, W)")
+    reject_forward_ad("cross_scan", x)
     return torch.ops.quadmamba.cross_scan(x.contiguous())
 
 
@@ -101,4 +102,5 @@ def cross_merge(ys: Tensor, size: tuple[int, int]) -> Tensor:
             f"ys must have shape (B, 4, D, H*W) = (B, 4, D, {height * width}) for size {(height, width)}, "
             f"got {tuple(ys.shape)}"
         )
+    reject_forward_ad("cross_merge", ys)
     return torch.ops.quadmamba.cross_merge(ys.contiguous(), height, width)

@@ -31,7 +31,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from quadmamba._backend import core, stream, view
+from quadmamba._backend import core, reject_forward_ad, stream, view
 from quadmamba.ops.reference import QUAD_ORDERS
 
 __all__ = ["quad_scan", "quad_merge"]
@@ -279,6 +279,7 @@ def quad_scan(
     _check_decision(decision, batch, x.device)
     sy, sx = _check_shift(shift, height, width)
     _check_order(order)
+    reject_forward_ad("quad_scan", x, decision)
     return torch.ops.quadmamba.quad_scan(x.contiguous(), decision.contiguous(), sy, sx, order)
 
 
@@ -315,4 +316,5 @@ def quad_merge(
     _check_decision(decision, batch, ys.device)
     sy, sx = _check_shift(shift, height, width)
     _check_order(order)
+    reject_forward_ad("quad_merge", ys, decision)
     return torch.ops.quadmamba.quad_merge(ys.contiguous(), decision.contiguous(), height, width, sy, sx, order)

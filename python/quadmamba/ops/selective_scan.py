@@ -121,6 +121,7 @@ def selective_scan(
         y: (B, KD, L) in u's dtype, or out_dtype.
     """
     _validate(u, delta, A, B, C, D, delta_bias)
+    _backend.reject_forward_ad("selective_scan", u, delta, A, B, C, D, delta_bias)
     out_float32 = _out_float32(u, out_dtype)
     contiguous = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
     return torch.ops.quadmamba.selective_scan(*contiguous, bool(delta_softplus), out_float32)

@@ -1,0 +1,52 @@
+"""Forward-mode AD reaching an op: refused with a clear error (PyTorch would drop a custom
+op's tangents and give a zero jvp); reverse mode inside an open dual level still works."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import jvp, vmap
+
+from quadmamba.ops import cross_merge, cross_scan, quad_merge, quad_scan, selective_scan
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    decision = torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    A = -torch.rand(4, 1, generator=g, dtype=torch.float64)
+    return {
+        # name: (function of the differentiated tensor, that tensor)
+        "cross_scan": (cross_scan, r(1, 2, 4, 4)),
+        "cross_merge": (lambda ys: cross_merge(ys, (4, 4)), r(1, 4, 2, 16)),
+        "quad_scan": (lambda x: quad_scan(x, decision, (1, -2)), r(1, 2, 4, 8)),
+        "quad_scan decision": (lambda d: quad_scan(r(1, 2, 4, 8), d), decision),
+        "quad_merge": (lambda ys: quad_merge(ys, decision, (4, 8)), r(1, 2, 2, 32)),
+        "selective_scan": (lambda u: selective_scan(u, r(1, 4, 5), A, r(1, 2, 1, 5), r(1, 2, 1, 5)), r(1, 4, 5)),
+        "selective_scan A": (lambda a: selective_scan(r(1, 4, 5), r(1, 4, 5), a, r(1, 2, 1, 5), r(1, 2, 1, 5)), A),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_forward_mode_ad_is_refused(name):
+    fn, t = _cases()[name]
+    op = name.split()[0]
+    with pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
+        jvp(fn, (t,), (torch.ones_like(t),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=f"{op}: forward-mode AD"):
+        fn(fwAD.make_dual(t, torch.ones_like(t)))
+    if name == "cross_scan":   # a transform that cannot unpack the tangent (vmap inside jvp)
+        batch = torch.stack([t, t])
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            jvp(vmap(fn), (batch,), (torch.ones_like(batch),))
+
+
+def test_plain_tensors_inside_a_dual_level_still_work():
+    fn, t = _cases()["quad_scan"]
+    expected = fn(t)
+    with fwAD.dual_level():
+        leaf = t.clone().requires_grad_()
+        out = fn(leaf)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        out.sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == t.shape
