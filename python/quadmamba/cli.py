@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--train", action="store_true", help="time forward + backward instead of inference")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--warmup", type=_non_negative_int, default=2)
+    p.add_argument("--warmup", type=_positive_int, default=2,
+                   help="untimed calls of each model first (at least 1: a first call carries one-time costs, "
+                        "such as loading the ops, that would distort the comparison)")
     p.add_argument("--iters", type=_positive_int, default=10)
     p.add_argument("--max-seconds", type=_positive_seconds, default=30.0, help="time budget per kernel set")
     p.set_defaults(func=cmd_bench)

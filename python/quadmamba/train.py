@@ -299,8 +299,14 @@ def save_checkpoint(path: str, state: dict) -> None:
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load and check a checkpoint written by ``quadmamba train`` (tensors only, no code)."""
+# What resuming a run reads besides the model: entry -> the type it must have.
+_RESUME_ENTRIES = {"optimizer": dict, "scheduler": dict, "epoch": int, "metrics": list, "rng": dict}
+
+
+def load_checkpoint(path: str, resume: bool = False) -> dict:
+    """Load and check a checkpoint written by ``quadmamba train`` (tensors only, no code): the
+    entries every use reads (model, config, data, train) and, with resume, the training state
+    (optimizer, scheduler, epoch, metrics, rng, and ema when the run keeps one)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -309,12 +315,28 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"not a quadmamba checkpoint: {path} ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"not a quadmamba checkpoint: {path} (no '{CHECKPOINT_FORMAT}' marker)")
-    if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {state['version']}; "
-                              f"this quadmamba reads up to {CHECKPOINT_VERSION}")
+    version = state.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version!r}; "
+                              f"this quadmamba reads integer versions up to {CHECKPOINT_VERSION}")
     missing = [k for k in ("model", "config", "data", "train") if not isinstance(state.get(k), dict)]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(repr(k) for k in missing)} entry")
+    try:
+        spec = DataSpec.from_dict(state["data"])
+        train = TrainConfig(**state["train"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has a malformed 'data' or 'train' entry ({exc})") from None
+    classes = state["config"].get("num_classes")
+    if classes != len(spec.classes):
+        raise CheckpointError(f"checkpoint {path} is inconsistent: its model has {classes!r} classes, "
+                              f"its data {len(spec.classes)}")
+    if resume:
+        needed = dict(_RESUME_ENTRIES, **({"ema": dict} if train.ema_decay > 0 else {}))
+        bad = [k for k, kind in needed.items() if not isinstance(state.get(k), kind)]
+        if bad:
+            raise CheckpointError(f"checkpoint {path} cannot resume a run: no usable "
+                                  f"{', '.join(repr(k) for k in bad)} entry (eval and visualize still read it)")
     return state
 
 
@@ -427,7 +449,7 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
     ckpt_path = check_output(output, resume, force)
     state = None
     if resume:
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path, resume=True)
         stored = TrainConfig(**state["train"])
         if cfg is not None:
             stored.device = cfg.device
@@ -440,7 +462,21 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
     if state is not None and DataSpec.from_dict(state["data"]).classes != spec.classes:
         raise CheckpointError(f"{cfg.data} no longer has the classes the checkpoint was trained on")
     train_set, test_set = _subset(train_set, cfg.train_limit), _subset(test_set, cfg.test_limit)
+    created = not os.path.exists(output)
     create_output(output)   # the first write: the settings, packages and data are checked
+    try:
+        return _train(cfg, output, ckpt_path, state, device, train_set, test_set, spec, log)
+    except BaseException:
+        # A run that fails before writing anything (an image that does not decode, say) leaves
+        # no empty run directory behind.
+        if created and os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)
+        raise
+
+
+def _train(cfg: TrainConfig, output: str, ckpt_path: str, state: Optional[dict], device: torch.device,
+           train_set, test_set, spec: DataSpec, log: Callable[[str], None]) -> dict:
+    """run_training's epochs, in the created run directory."""
     num_classes = len(spec.classes)
     model = build_model(cfg, num_classes, spec.in_chans).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -460,15 +496,19 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
             model.load_state_dict(state["model"])
         except RuntimeError:
             raise CheckpointError(f"checkpoint weights do not fit a {cfg.model} model") from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        rows = list(state["metrics"])
-        start_epoch = int(state["epoch"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
+            rows = list(state["metrics"])
+            start_epoch = int(state["epoch"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {ckpt_path}: its training state does not fit the run "
+                                  f"({type(exc).__name__}: {exc})") from None
         log(f"resuming {output} after epoch {start_epoch}/{cfg.epochs}")
     else:
         from quadmamba import count_params

@@ -270,7 +270,13 @@ def test_bad_data_folders(tmp_path, capsys):
     assert_main_error(run_main(capsys, "train", "--data", bad, *tiny, "-o", tmp_path / "o3"),
                       "not a readable image", "broken.png")
     assert_main_error(run_main(capsys, "train", "--data", tmp_path / "nope", *tiny), "data folder not found")
-    for o in ("o1", "o2", "o3"):
+    # a file that passes the scan (PIL's verify) but not decoding: found in the first epoch, and
+    # the run directory made for it is removed again
+    late = make_folder(tmp_path / "late")
+    Image.fromarray(np.full((20, 20), np.nan, dtype=np.float32)).save(late / "left" / "nan.tif")
+    assert_main_error(run_main(capsys, "train", "--data", late, *tiny, "-o", tmp_path / "o4"),
+                      "not a readable image", "nan.tif")
+    for o in ("o1", "o2", "o3", "o4"):
         assert not (tmp_path / o).exists()   # nothing written before the data is checked
 
 
@@ -381,7 +387,7 @@ def test_bad_training_values_fail_before_anything_is_written(tmp_path, capsys, o
     (["train", "--seed", "-1"], "--seed: expected a non-negative integer"),
     (["train", "--workers", "-2"], "--workers: expected a non-negative integer"),
     (["eval", "--checkpoint", "x.pt", "--test-limit", "-3"], "--test-limit: expected a non-negative integer"),
-    (["bench", "--warmup", "-1"], "--warmup: expected a non-negative integer"),
+    (["bench", "--warmup", "0"], "--warmup: expected a positive integer"),
     (["bench", "--max-seconds", "nan"], "--max-seconds: expected a positive number of seconds"),
     (["bench", "--max-seconds", "-1"], "--max-seconds: expected a positive number of seconds"),
 ])
@@ -472,6 +478,33 @@ def test_incomplete_checkpoint_is_a_clean_error(trained_run, tmp_path, capsys):
     torch.save(state, broken)
     assert_main_error(run_main(capsys, "eval", "--checkpoint", broken, "--kernels", "reference"),
                       "is incomplete", "'data'")
+
+    def variant(name, edit, resume=False, *fragments):
+        """The trained checkpoint edited; eval (or resume, in a copy of the run) fails in one line."""
+        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        edit(state)
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save(state, folder / "checkpoint.pt")
+        args = ["train", "--resume", "-o", folder] if resume else \
+            ["eval", "--checkpoint", folder / "checkpoint.pt", "--kernels", "reference"]
+        assert_main_error(run_main(capsys, *args), *fragments)
+
+    variant("version", lambda st: st.update(version="1"), False, "format version '1'")
+    variant("data", lambda st: st["data"].update(colour=True), False, "malformed 'data' or 'train'")
+    variant("train", lambda st: st["train"].update(epochs=0), False, "malformed 'data' or 'train'")
+    variant("classes", lambda st: st["config"].update(num_classes=3), False, "has 3 classes, its data 10")
+
+    def shrink(st):   # what a user might strip to keep only the weights: still evaluates
+        for key in ("optimizer", "scheduler", "rng"):
+            del st[key]
+        st["train"]["epochs"] = 3
+    variant("shrunk", shrink, True, "cannot resume a run", "'optimizer', 'scheduler', 'rng'")
+    shrunk = tmp_path / "shrunk" / "checkpoint.pt"
+    assert evaluate_checkpoint(str(shrunk), kernels="reference")["count"] > 0
+    variant("ema", lambda st: st["train"].update(ema_decay=0.9, epochs=3), True, "no usable 'ema'")
+    variant("optimizer", lambda st: st.update(optimizer={"state": {}, "param_groups": []}, train=dict(
+        st["train"], epochs=3)), True, "training state does not fit the run")
 
 
 def test_one_epoch_run_still_decays_its_learning_rate(tmp_path):

@@ -91,10 +91,15 @@ def _check_decision(decision, batch: int, device: torch.device) -> None:
     if torch.compiler.is_compiling() or decision.device.type == "meta":
         return  # a value check would break the graph (or has no values); callers own their inputs
     d = decision.detach()
-    if d.device.type == "cpu" and d.numel() <= 1024:  # the values in Python: one call instead of ~8 tensor ops
-        one_hot = all(sum(row) == 1 and all(v == 0 or v == 1 for v in row) for row in d.tolist())
-    else:
-        one_hot = bool((((d == 0) | (d == 1)).all(dim=1) & (d.sum(dim=1) == 1)).all())
+    try:
+        if d.device.type == "cpu" and d.numel() <= 1024:  # the values in Python: one call instead of ~8 ops
+            one_hot = all(sum(row) == 1 and all(v == 0 or v == 1 for v in row) for row in d.tolist())
+        else:
+            one_hot = bool((((d == 0) | (d == 1)).all(dim=1) & (d.sum(dim=1) == 1)).all())
+    except RuntimeError:   # no values to read: a transform such as torch.func.vmap maps over decision
+        raise NotImplementedError(
+            "decision: its values cannot be read to check that it is one-hot (as under torch.func.vmap "
+            "over decision); map over the data only") from None
     if not one_hot:
         raise ValueError(
             "decision must be one-hot in the forward: values 0/1 with exactly one 1 per row "

@@ -86,8 +86,15 @@ def _validate(u, delta, A, B, C, D, delta_bias) -> None:
     if u.device.type == "cuda" and u.dtype == torch.float64:
         raise TypeError("selective_scan: float64 runs on the CPU only; CUDA takes float32, float16 or bfloat16")
     # A host-side check: on CUDA it would synchronise every call, so it runs on the CPU only.
-    if u.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(A).all()):
-        raise ValueError("selective_scan: A has non-finite values (inf or nan)")
+    if u.device.type == "cpu" and not torch.compiler.is_compiling():
+        try:
+            finite = bool(torch.isfinite(A).all())
+        except RuntimeError:   # no values to read: a transform such as torch.func.vmap maps over A
+            raise NotImplementedError(
+                "selective_scan: A's values cannot be read to check that they are finite (as under "
+                "torch.func.vmap over A); map over u, delta, B, C only") from None
+        if not finite:
+            raise ValueError("selective_scan: A has non-finite values (inf or nan)")
 
 
 def selective_scan(

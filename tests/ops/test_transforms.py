@@ -1,5 +1,7 @@
-"""Forward-mode AD reaching an op: refused with a clear error (PyTorch would drop a custom
-op's tangents and give a zero jvp); reverse mode inside an open dual level still works."""
+"""Function transforms over the ops. Forward-mode AD reaching an op: refused with a clear error
+(PyTorch would drop a custom op's tangents and give a zero jvp); reverse mode inside an open dual
+level still works. torch.func.vmap over the data: the per-sample results; over an argument whose
+values the op checks (decision, A): refused with an error that names it."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -50,3 +52,23 @@ def test_plain_tensors_inside_a_dual_level_still_work():
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         out.sum().backward()
     assert leaf.grad is not None and leaf.grad.shape == t.shape
+
+
+def test_vmap_over_the_data_matches_a_loop_and_over_checked_arguments_is_refused():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 2, 4, 8, generator=g)
+    decision = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    got = vmap(lambda t: quad_scan(t, decision, (1, 2)))(x)
+    torch.testing.assert_close(got, torch.stack([quad_scan(t, decision, (1, 2)) for t in x]), rtol=0, atol=0)
+    u = torch.randn(3, 1, 4, 6, generator=g)
+    delta, B, C = torch.randn(1, 4, 6, generator=g), torch.randn(1, 2, 1, 6, generator=g), torch.randn(1, 2, 1, 6, generator=g)
+    A = -torch.rand(4, 1, generator=g)
+    got = vmap(lambda t: selective_scan(t, delta, A, B, C))(u)
+    torch.testing.assert_close(got, torch.stack([selective_scan(t, delta, A, B, C) for t in u]))
+    decisions = torch.stack([decision, decision])
+    with pytest.raises(NotImplementedError, match="decision: its values cannot be read"):
+        vmap(lambda d: quad_scan(x[0], d))(decisions)
+    with pytest.raises(NotImplementedError, match="decision: its values cannot be read"):
+        vmap(lambda d: quad_merge(quad_scan(x[0], decision), d, (4, 8)))(decisions)
+    with pytest.raises(NotImplementedError, match="A's values cannot be read"):
+        vmap(lambda a: selective_scan(u[0], delta, a, B, C))(torch.stack([A, A]))
