@@ -27,7 +27,8 @@ COMPATS = ("paper", "official")
 
 
 class SelectiveScan(nn.Module):
-    """The selective scan (no parameters), always in float32, even under autocast.
+    """The selective scan (no parameters) in float32, even under autocast; a float64 model on
+    the CPU scans in float64 (the op's CPU kernels take it; CUDA scans in float32).
 
     Holds the op so that hooks (FLOP counting) see each call with its shapes.
     """
@@ -45,8 +46,9 @@ class SelectiveScan(nn.Module):
         # op a node of its own rather than inside an autocast region.
         return self._scan(u, delta, A, B, C, D, delta_bias)
 
-    def _scan(self, *tensors):
-        return self.fn(*[t.float() for t in tensors], delta_softplus=True)
+    def _scan(self, u, *tensors):
+        dtype = torch.float64 if u.dtype == torch.float64 and u.device.type == "cpu" else torch.float32
+        return self.fn(*[t.to(dtype) for t in (u, *tensors)], delta_softplus=True)
 
 
 class _SSMBase(nn.Module):
@@ -96,7 +98,8 @@ class _SSMBase(nn.Module):
         return self.out_proj(self.out_norm(y))
 
     def _scan_core(self, xs: torch.Tensor) -> torch.Tensor:
-        """xs (B, K, D, L) -> ys (B, K, D, L) in xs's dtype; the scan itself runs in fp32."""
+        """xs (B, K, D, L) -> ys (B, K, D, L) in xs's dtype; the scan itself runs in fp32 (fp64
+        for a float64 model on the CPU)."""
         batch, k, inner, length = xs.shape
         # Batched matmuls laid out so that every output is already (B, K, rows, L)
         # contiguous: no permuted copies of xs or of the (B, K, D, L) deltas.
@@ -105,7 +108,8 @@ class _SSMBase(nn.Module):
         dts = torch.matmul(self.dt_proj_weight, dts)                      # (B, K, D, L)
         ys = self.scan(
             xs.reshape(batch, k * inner, length), dts.reshape(batch, k * inner, length),
-            -torch.exp(self.A_log.float()), Bs.contiguous(), Cs.contiguous(), self.Ds, self.dt_bias,
+            -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
+            Bs.contiguous(), Cs.contiguous(), self.Ds, self.dt_bias,
         )
         return ys.view(batch, k, inner, length).to(xs.dtype)
 
