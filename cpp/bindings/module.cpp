@@ -36,6 +36,8 @@ TensorView to_view(const py::handle& obj, const char* name) {
   auto shape = t[3].cast<py::tuple>();
   auto strides = t[4].cast<py::tuple>();
   QM_CHECK(shape.size() <= TensorView::kMaxDims, name, " has too many dims");
+  QM_CHECK(strides.size() == shape.size(), name, ": strides must have one entry per dim, got ", strides.size(),
+           " for ", shape.size(), " dims");
   v.ndim = static_cast<int>(shape.size());
   for (int d = 0; d < v.ndim; ++d) {
     v.shape[d] = shape[d].cast<int64_t>();

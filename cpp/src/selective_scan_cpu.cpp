@@ -307,6 +307,11 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
     check_view(ddelta_bias, "ddelta_bias", 1, wt, u.device);
     check_shape(ddelta_bias, "ddelta_bias", {p.channels});
   }
+  if (p.channels == 0) {  // dB, dC: sums over the (no) channels of each group
+    std::memset(dB.data, 0, static_cast<size_t>(dB.numel()) * dtype_size(dt));
+    std::memset(dC.data, 0, static_cast<size_t>(dC.numel()) * dtype_size(dt));
+    return;
+  }
   if (dt == DType::Float32)
     bwd_typed<float>(p, u, delta, A, B, C, Dskip, delta_bias, dy, du, ddelta, dA, dB, dC, dDskip,
                      ddelta_bias);

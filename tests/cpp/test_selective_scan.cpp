@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -248,6 +249,42 @@ TEST(SelectiveScanCpu, PaddingStepsDoNotReachGradients) {
   }
 }
 
+// The float32 exp of the scan over the whole float range, through the op: with L = 2,
+// u = (128, 0), delta = (1/128, 1) (no softplus), B = (1, 0), C = (0, 1), N = 1: h_0 = 1 (its
+// decay exp(A/128) stays finite) and y[d, 1] = h_1 = exp(A[d]). One channel
+// per A in [-110, 90] (step 1/64), plus the edges. Normal results within 3 ulp, subnormal ones
+// within one subnormal ulp, exp(A < -104) = 0, exp(A > log(FLT_MAX)) = inf.
+TEST(SelectiveScanCpu, FloatExpOverTheWholeRange) {
+  std::vector<float> A;
+  for (int i = -110 * 64; i <= 90 * 64; ++i) A.push_back(static_cast<float>(i) / 64.f);
+  for (float a : {-103.97f, -103.28f, -87.34f, -87.33f, 88.3f, 88.72f, 88.7228f, 88.72283f, 88.7229f})
+    A.push_back(a);
+  const int64_t KD = static_cast<int64_t>(A.size());
+  std::vector<float> u(KD * 2), delta(KD * 2, 1.f), Bv = {1.f, 0.f}, Cv = {0.f, 1.f}, y(KD * 2, NAN);
+  for (int64_t d = 0; d < KD; ++d) {
+    u[d * 2] = 128.f;
+    delta[d * 2] = 1.f / 128.f;
+  }
+  const TensorView vu(u.data(), DType::Float32, {1, KD, 2}), vdelta(delta.data(), DType::Float32, {1, KD, 2}),
+      vA(A.data(), DType::Float32, {KD, 1}), vB(Bv.data(), DType::Float32, {1, 1, 1, 2}),
+      vC(Cv.data(), DType::Float32, {1, 1, 1, 2}), vy(y.data(), DType::Float32, {1, KD, 2});
+  const auto p = selective_scan_params(vu, vdelta, vA, vB, vC, TensorView(), TensorView(), false);
+  selective_scan_fwd_cpu(p, vu, vdelta, vA, vB, vC, TensorView(), TensorView(), vy);
+  const double kMin = std::ldexp(1.0, -126), kSub = std::ldexp(1.0, -149);
+  int bad = 0;
+  for (int64_t d = 0; d < KD; ++d) {
+    const double ref = std::exp(static_cast<double>(A[d]));
+    const double got = y[d * 2 + 1];
+    bool ok;
+    if (ref > std::numeric_limits<float>::max()) ok = std::isinf(got) && got > 0;
+    else if (A[d] < -104.f) ok = got == 0.0;
+    else if (ref >= kMin) ok = std::abs(got - ref) <= 3 * std::ldexp(1.0, -23) * ref;
+    else ok = std::abs(got - ref) <= kSub;
+    if (!ok && bad++ < 5) ADD_FAILURE() << "exp(" << A[d] << ") = " << got << ", expected " << ref;
+  }
+  EXPECT_EQ(bad, 0) << "of " << KD << " values of A";
+}
+
 TEST(SelectiveScanCpu, RejectsBadShapes) {
   std::vector<float> buf(64, 0.f);
   const TensorView u(buf.data(), DType::Float32, {1, 4, 2}), A(buf.data(), DType::Float32, {4, 1}),
@@ -280,6 +317,19 @@ TEST(SelectiveScanCpu, EmptyBatchGivesZeroParameterGradients) {
   for (float v : dA) EXPECT_EQ(v, 0.f);
   for (float v : dD) EXPECT_EQ(v, 0.f);
   for (float v : db) EXPECT_EQ(v, 0.f);
+}
+
+TEST(SelectiveScanCpu, NoChannelsGiveZeroBAndCGradients) {
+  // KD = 0: dB and dC are sums over the (no) channels of each group, zeros.
+  std::vector<float> buf(64, 0.f), dB(16, 7.f), dC(16, 7.f);
+  const TensorView u0(buf.data(), DType::Float32, {1, 0, 8}), A0(buf.data(), DType::Float32, {0, 2}),
+      B0(buf.data(), DType::Float32, {1, 1, 2, 8});
+  const auto p0 = selective_scan_params(u0, u0, A0, B0, B0, TensorView(), TensorView(), true);
+  selective_scan_bwd_cpu(p0, u0, u0, A0, B0, B0, TensorView(), TensorView(), u0, u0, u0, A0,
+                         TensorView(dB.data(), DType::Float32, {1, 1, 2, 8}),
+                         TensorView(dC.data(), DType::Float32, {1, 1, 2, 8}), TensorView(), TensorView());
+  for (float v : dB) EXPECT_EQ(v, 0.f);
+  for (float v : dC) EXPECT_EQ(v, 0.f);
 }
 
 #if defined(QUADMAMBA_WITH_CUDA)

@@ -3,6 +3,7 @@
 // arrays it is given; callers (the Python layer) own every buffer.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 
@@ -64,6 +65,12 @@ inline void check_view(const TensorView& t, const char* name, int ndim, DType dt
                                          : " is required");
   QM_CHECK(t.ndim == ndim, name, " must have ", ndim, " dims, got ", t.ndim);
   for (int d = 0; d < t.ndim; ++d) QM_CHECK(t.shape[d] >= 0, name, " has a negative size ", t.shape[d], " in dim ", d);
+  // Its bytes must be countable in int64 (with empty dims counted as 1, so that the products
+  // the kernels form from the other dims, such as H * W, fit too).
+  int64_t bytes = dtype_size(t.dtype);
+  for (int d = 0; d < t.ndim; ++d)
+    QM_CHECK(!__builtin_mul_overflow(bytes, std::max<int64_t>(t.shape[d], 1), &bytes), name,
+             " is too large: its size in bytes overflows 64-bit integers");
   QM_CHECK(t.dtype == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.dtype));
   QM_CHECK(t.device == device, name, " is on a different device than the other arguments");
   QM_CHECK(t.is_contiguous(), name, " must be contiguous");
