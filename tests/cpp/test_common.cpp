@@ -47,6 +47,20 @@ TEST(TensorView, ContiguousStridesAndChecks) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("u has no data (an empty tensor?"), std::string::npos) << e.what();
   }
+  // sizes whose product wraps around int64 (4 * (2^62 + 4) = 16 modulo 2^64): too large, not
+  // a 16-element view; an empty dim does not hide the others' product
+  for (int64_t first : {int64_t{1}, int64_t{0}}) {
+    TensorView huge(buf.data(), DType::Float32, {first, 1, 4, (int64_t{1} << 62) + 4});
+    huge.strides[0] = huge.strides[1] = 16;
+    huge.strides[2] = (int64_t{1} << 62) + 4;
+    huge.strides[3] = 1;
+    try {
+      check_view(huge, "x", 4, DType::Float32, Device{});
+      FAIL() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("x is too large"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST(Parallel, RangesAreAtLeastTheGrain) {
