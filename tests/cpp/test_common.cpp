@@ -50,10 +50,13 @@ TEST(TensorView, ContiguousStridesAndChecks) {
   // sizes whose product wraps around int64 (4 * (2^62 + 4) = 16 modulo 2^64): too large, not
   // a 16-element view; an empty dim does not hide the others' product
   for (int64_t first : {int64_t{1}, int64_t{0}}) {
-    TensorView huge(buf.data(), DType::Float32, {first, 1, 4, (int64_t{1} << 62) + 4});
-    huge.strides[0] = huge.strides[1] = 16;
-    huge.strides[2] = (int64_t{1} << 62) + 4;
-    huge.strides[3] = 1;
+    TensorView huge(buf.data(), DType::Float32, {1, 1, 1, 1});   // sizes set by hand: no products formed
+    const int64_t W = (int64_t{1} << 62) + 4;
+    const int64_t shape[4] = {first, 1, 4, W}, strides[4] = {16, 16, W, 1};
+    for (int d = 0; d < 4; ++d) {
+      huge.shape[d] = shape[d];
+      huge.strides[d] = strides[d];
+    }
     try {
       check_view(huge, "x", 4, DType::Float32, Device{});
       FAIL() << "no error";
