@@ -41,16 +41,34 @@ def _shape_only_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=
     return torch.empty_like(u)
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of model whose parameters and buffers are empty meta tensors (deepcopy's memo
+    maps each to its meta stand-in, so no real tensor is copied) and without module hooks."""
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        stand_in = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(stand_in, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+            else stand_in
+    meta = copy.deepcopy(model, memo)
+    for module in meta.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                      module._backward_pre_hooks):
+            hooks.clear()
+    return meta
+
+
 def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: Optional[int] = None) -> float:
     """GFLOPs (multiply-adds, fvcore convention) of one forward pass at ``img_size``.
 
-    The model is copied to the meta device (no memory, no compute); the original is untouched.
-    ``img_size`` is an int or (H, W).
+    The model is copied onto the meta device (its tensors are not copied, nothing is computed)
+    without the hooks registered on it; the original is untouched. ``img_size`` is an int or
+    (H, W). A QuadMamba without its classifier head (``prune_intermediate_layers``) is counted
+    through ``forward_intermediates``.
     """
     height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if in_chans is None:
         in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
-    meta = copy.deepcopy(model).to("meta").eval()
+    meta = _meta_copy(model).eval()
     extra = []
 
     def on_scan(module, args, output):
@@ -75,9 +93,10 @@ def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: O
     param = next(meta.parameters(), None)   # the input in the model's dtype (a bf16 model takes bf16)
     x = torch.empty(batch_size, in_chans, height, width, device="meta",
                     dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
+    headless = getattr(meta, "head", False) is None and hasattr(meta, "forward_intermediates")
     try:
         with torch.no_grad(), counter:
-            meta(x)
+            meta.forward_intermediates(x, intermediates_only=True) if headless else meta(x)
     finally:
         for handle in handles:
             handle.remove()

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+import quadmamba
 from quadmamba.models import QuadMamba, create_model
 from quadmamba.models import integrations
 from quadmamba.models.integrations import QuadMambaBackbone, mmengine_backbone_class
@@ -75,7 +76,9 @@ def test_pretrained_cfg():
     cfg = model.pretrained_cfg
     assert model.default_cfg is cfg
     assert cfg["input_size"] == (1, 224, 224) and cfg["num_classes"] == 10
-    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["interpolation"] == "bicubic"
+    assert cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == (0.449,) and cfg["std"] == (0.226,)   # one value per input channel
+    assert nano().pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
     names = dict(model.named_parameters())
     assert cfg["first_conv"] + ".weight" in names and cfg["classifier"] + ".weight" in names
 
@@ -126,6 +129,12 @@ def test_prune_intermediate_layers():
     torch.testing.assert_close(final, got[1].permute(0, 2, 3, 1), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="prune_intermediate_layers"):
         model(x)
+    # FLOPs and partition maps still work without the head (through forward_intermediates)
+    assert 0 < quadmamba.count_flops(model, 64) < quadmamba.count_flops(whole, 64)
+    got_maps, want_maps = model.partition_maps(x), whole.partition_maps(x)
+    assert len(got_maps) == len(want_maps) > 0
+    for a, b in zip(got_maps, want_maps):
+        assert torch.equal(a.windows, b.windows) and torch.equal(a.decision, b.decision)
     # keeping the head needs the last stage; then only the out-norms could change (a classifier has none)
     with pytest.raises(ValueError, match="prune_head=False"):
         nano().prune_intermediate_layers([2], prune_head=False)
@@ -149,6 +158,7 @@ def test_prune_intermediate_layers():
     pruned.load_state_dict(dense.state_dict())
     assert pruned.prune_intermediate_layers((1, 2)) == [1, 2]
     assert sorted(pruned.out_norms) == ["0", "1", "2"] and pruned.config.out_indices == (1, 2)
+    assert pruned.feature_info.channels() == [32, 64] and pruned.feature_info.reduction() == [8, 16]
     with torch.no_grad():
         got = pruned(x)
     assert len(got) == 2
@@ -157,7 +167,7 @@ def test_prune_intermediate_layers():
     bare = nano(features_only=True).eval()
     bare.load_state_dict(dense.state_dict())
     assert bare.prune_intermediate_layers(2, prune_norm=True) == [2, 3]
-    assert len(bare.out_norms) == 0
+    assert len(bare.out_norms) == 0 and bare.feature_info.channels() == [64, 128]
     with torch.no_grad():
         got = bare(x)
     torch.testing.assert_close(got[0], maps[2], rtol=0, atol=0)
@@ -251,6 +261,25 @@ def test_backbone_freezes_stages_and_returns_a_tuple():
     for bad in (-2, 5, 1.0, True):
         with pytest.raises(ValueError, match="frozen_stages"):
             QuadMambaBackbone("quadmamba_nano", frozen_stages=bad, kernels="reference")
+
+
+class _BaseModule(torch.nn.Module):   # the part of mmengine's BaseModule the class relies on
+    def __init__(self, init_cfg=None):
+        super().__init__()
+        self.init_cfg = init_cfg
+
+
+def test_mmengine_backbone_pickles_as_its_own_class():
+    import pickle
+
+    cls = mmengine_backbone_class(_BaseModule)
+    backbone = cls(arch="quadmamba_nano", out_indices=(1, 2), kernels="reference").eval()
+    copy = pickle.loads(pickle.dumps(backbone))
+    assert type(copy) is cls
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(copy(x), backbone(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_mmengine_backbone_class_takes_init_cfg():

@@ -57,6 +57,13 @@ def test_flops_scale_with_batch_and_do_not_touch_model():
     assert quadmamba.count_flops(model, img_size=64, batch_size=2) == pytest.approx(2 * one)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert next(model.parameters()).device.type == "cpu"
+    # the copy leaves the model's own hooks behind (a hook would see meta tensors)
+
+    def hook(module, args, output):
+        raise AssertionError("a hook of the model ran during count_flops")
+    handle = model.head.register_forward_hook(hook)
+    assert quadmamba.count_flops(model, img_size=64) == one
+    handle.remove()
     # backbone: no head (LN, pool, 128x1000 MACs; the bias add is not counted) but 4 out-norms
     dense = quadmamba.count_flops(nano(features_only=True), img_size=64)
     c, g = (16, 32, 64, 128), (16, 8, 4, 2)

@@ -112,7 +112,8 @@ class QuadMambaBackbone(QuadMamba):
         init_cfg: mmengine's initialisation config, e.g. dict(type="Pretrained",
             checkpoint=path) with a state dict in this package's layout (a classifier's keys
             load; its head is reported unused; of a ``quadmamba train`` checkpoint, save its
-            "model" entry); None keeps the spec's initialisation.
+            "ema" entry when the run kept one, else its "model" entry); None keeps the spec's
+            initialisation.
         drop_path_rate, compat, kernels, quad_scan, in_chans, gumbel_tau: as create_model.
 
     Registered by register_mmengine with mmengine's BaseModule as a second base (so that
@@ -173,5 +174,10 @@ def mmengine_backbone_class(base_module: type) -> type:
     init_weights (init_cfg) and bookkeeping on the same parameters and names."""
     if not issubclass(base_module, nn.Module):
         raise TypeError(f"base_module must be an nn.Module subclass, got {base_module!r}")
-    return type("QuadMambaBackbone", (QuadMambaBackbone, base_module),
-                {"__module__": __name__, "__doc__": QuadMambaBackbone.__doc__})
+    cls = type("QuadMambaBackbone", (QuadMambaBackbone, base_module),
+               {"__module__": __name__, "__doc__": QuadMambaBackbone.__doc__,
+                "__qualname__": "MMEngineQuadMambaBackbone"})
+    # Reachable under its qualified name, so that pickle (torch.save of a whole model, spawned
+    # workers) finds this class rather than the plain QuadMambaBackbone.
+    globals()["MMEngineQuadMambaBackbone"] = cls
+    return cls

@@ -130,11 +130,16 @@ class FeatureInfo(list):
 
 def data_config(cfg: QuadMambaConfig) -> dict:
     """The input a model expects, in timm's pretrained_cfg keys (the ImageNet recipe of the
-    paper: 224 x 224, bicubic resize, center crop 0.875, ImageNet mean and std)."""
+    paper: 224 x 224, bicubic resize, center crop 0.875, ImageNet mean and std; with other than 3
+    input channels, the channel averages of those for each channel)."""
     from quadmamba.data import IMAGENET_MEAN, IMAGENET_STD
 
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if cfg.in_chans != 3:   # one value per channel: the ImageNet channel averages, repeated
+        mean = (round(sum(IMAGENET_MEAN) / 3, 3),) * cfg.in_chans
+        std = (round(sum(IMAGENET_STD) / 3, 3),) * cfg.in_chans
     return dict(input_size=(cfg.in_chans, 224, 224), interpolation="bicubic", crop_pct=0.875,
-                crop_mode="center", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=cfg.num_classes,
+                crop_mode="center", mean=mean, std=std, num_classes=cfg.num_classes,
                 first_conv="stem.conv1", classifier="head.fc", architecture=cfg.name)
 
 
@@ -213,14 +218,18 @@ class QuadMamba(nn.Module):
             self.out_norms = None
             self.head = ClassifierHead(cfg.dims[-1], cfg.num_classes, cfg.drop_rate)
         # The maps forward returns (backbone) or forward_intermediates can return (classifier).
-        self.feature_info = FeatureInfo(
-            dict(num_chs=cfg.dims[i], reduction=4 * 2 ** i, module=f"stages.{i}")
-            for i in (cfg.out_indices if cfg.features_only else range(NUM_STAGES)))
+        self.feature_info = FeatureInfo(d for i, d in enumerate(self.feature_info_all())
+                                        if i in (cfg.out_indices if cfg.features_only else range(NUM_STAGES)))
         self.pretrained_cfg = data_config(cfg)
         self.apply(init_weights)
         channels_last_convs_(self)
 
     # -- features --------------------------------------------------------------------------
+    def feature_info_all(self) -> List[dict]:
+        """timm's description (num_chs, reduction, module) of every stage's output map."""
+        return [dict(num_chs=self.config.dims[i], reduction=4 * 2 ** i, module=f"stages.{i}")
+                for i in range(NUM_STAGES)]
+
     def _stage_outputs(self, x: torch.Tensor, last: int):
         """Yield (i, output of stage i before its downsample) for i <= last; channel-last."""
         self._check_image(x)
@@ -328,7 +337,8 @@ class QuadMamba(nn.Module):
         del self.stages[last + 1:]
         self.stages[last].downsample = nn.Identity()
         self.num_features = self.head_hidden_size = self.config.dims[last]
-        self.feature_info = FeatureInfo(d for d in self.feature_info if int(d["module"].split(".")[1]) <= last)
+        kept = take if self.config.features_only else range(last + 1)   # the maps forward(_intermediates) gives
+        self.feature_info = FeatureInfo(d for d in self.feature_info_all() if int(d["module"].split(".")[1]) in kept)
         if self.out_norms is not None:
             for key in [k for k in self.out_norms if prune_norm or int(k) > last]:
                 del self.out_norms[key]
@@ -412,7 +422,7 @@ class QuadMamba(nn.Module):
             handles.append(mixer.predictor.register_forward_hook(keep((i, j), "score")))
             handles.append(mixer.decide.register_forward_hook(keep((i, j), "decision")))
         try:
-            self(x)
+            self.forward_intermediates(x, intermediates_only=True)   # every built stage, head or not
         finally:
             for handle in handles:
                 handle.remove()
