@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+# The source tree's package where it holds a built module (the development build); otherwise
+# the installed one.
+_SOURCE = Path(__file__).resolve().parents[1] / "python"
+if any((_SOURCE / "quadmamba").glob("_C*")):
+    sys.path.insert(0, str(_SOURCE))
 import quadmamba  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -13,7 +13,7 @@ achieved GB/s and the fraction of the copy-bandwidth floor, and the ratio to
     S stage 0, batch 8),
 all measured in the same run, fwd+bwd for the loops. Times are the best of several runs
 (the sequential loop: best of 2 after a warm-up; the indexed loop: one run). Bytes moved
-(KERNELS.md), e = element size:
+(each tensor read or written once, the least a pass can move), e = element size:
   forward  (3 B*KD*L + 2 B*K*N*L) * e     (read u, delta, B, C; write y)
   backward (5 B*KD*L + 4 B*K*N*L) * e     (read u, delta, dy, B, C; write du, ddelta, dB, dC)
 

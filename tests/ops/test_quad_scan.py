@@ -1,6 +1,7 @@
-"""quad_scan / quad_merge: golden sequence tables written by hand from the spec
-(QUADMAMBA.md section 3 and 3.6), properties, kernels against the references on every
-device, gradients, poisoned outputs, opcheck, torch.compile and argument errors."""
+"""quad_scan / quad_merge: golden sequence tables written by hand from the paper's quadtree
+order (its section 3; the index forms in quadmamba/ops/reference.py), properties, kernels
+against the references on every device, gradients, poisoned outputs, opcheck, torch.compile
+and argument errors."""
 from __future__ import annotations
 
 import re
