@@ -218,17 +218,16 @@ class QuadMamba(nn.Module):
             self.out_norms = None
             self.head = ClassifierHead(cfg.dims[-1], cfg.num_classes, cfg.drop_rate)
         # The maps forward returns (backbone) or forward_intermediates can return (classifier).
-        self.feature_info = FeatureInfo(d for i, d in enumerate(self.feature_info_all())
-                                        if i in (cfg.out_indices if cfg.features_only else range(NUM_STAGES)))
+        self.feature_info = self._feature_info(cfg.out_indices if cfg.features_only else range(NUM_STAGES))
         self.pretrained_cfg = data_config(cfg)
         self.apply(init_weights)
         channels_last_convs_(self)
 
     # -- features --------------------------------------------------------------------------
-    def feature_info_all(self) -> List[dict]:
-        """timm's description (num_chs, reduction, module) of every stage's output map."""
-        return [dict(num_chs=self.config.dims[i], reduction=4 * 2 ** i, module=f"stages.{i}")
-                for i in range(NUM_STAGES)]
+    def _feature_info(self, stages: Sequence[int]) -> FeatureInfo:
+        """timm's description (num_chs, reduction, module) of the output maps of ``stages``."""
+        return FeatureInfo(dict(num_chs=self.config.dims[i], reduction=4 * 2 ** i, module=f"stages.{i}")
+                           for i in stages)
 
     def _stage_outputs(self, x: torch.Tensor, last: int):
         """Yield (i, output of stage i before its downsample) for i <= last; channel-last."""
@@ -337,8 +336,8 @@ class QuadMamba(nn.Module):
         del self.stages[last + 1:]
         self.stages[last].downsample = nn.Identity()
         self.num_features = self.head_hidden_size = self.config.dims[last]
-        kept = take if self.config.features_only else range(last + 1)   # the maps forward(_intermediates) gives
-        self.feature_info = FeatureInfo(d for d in self.feature_info_all() if int(d["module"].split(".")[1]) in kept)
+        # the maps forward (a backbone) or forward_intermediates (a classifier) can give
+        self.feature_info = self._feature_info(take if self.config.features_only else range(last + 1))
         if self.out_norms is not None:
             for key in [k for k in self.out_norms if prune_norm or int(k) > last]:
                 del self.out_norms[key]
