@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from quadmamba.layers.common import GlobalAvgPool
 from quadmamba.layers.mixers import SelectiveScan
+from quadmamba.models.quadmamba import QuadMamba
 
 
 def count_params(model: nn.Module) -> int:
@@ -93,7 +94,8 @@ def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: O
     param = next(meta.parameters(), None)   # the input in the model's dtype (a bf16 model takes bf16)
     x = torch.empty(batch_size, in_chans, height, width, device="meta",
                     dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32)
-    headless = getattr(meta, "head", False) is None and hasattr(meta, "forward_intermediates")
+    # a classifier whose head prune_intermediate_layers removed (a backbone runs its own forward)
+    headless = isinstance(meta, QuadMamba) and meta.head is None and not meta.config.features_only
     try:
         with torch.no_grad(), counter:
             meta.forward_intermediates(x, intermediates_only=True) if headless else meta(x)
