@@ -6,6 +6,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -359,6 +360,39 @@ TEST(CrossScanCuda, GridStrideLoopMatchesCpu) {
     expect_close(outd.get(), out, 0, "cross_scan_fwd");
     expect_close(yd.get(), y, 1e-6, "cross_merge_fwd");
   }
+#else
+  GTEST_SKIP() << "built without CUDA kernels";
+#endif
+}
+
+// The device guard of the CUDA entry points, on the emulation's devices and primary contexts:
+// an op on device 1, called from a thread that never used device 0 (its current device is the
+// default 0), must not create a context on device 0 when it hands the thread back; a thread
+// that did use device 0 gets it back as its current device.
+TEST(CudaDeviceGuard, RestoresThePreviousDeviceOnlyWhereItHasAContext) {
+#if defined(QUADMAMBA_CUDA_EMULATOR)
+  const int64_t B = 1, D = 2, H = 4, W = 4, L = H * W;
+  DeviceBuffer<float> x(randn<float>(B * D * L, 31)), out(std::vector<float>(B * 4 * D * L, NAN));
+  const TensorView xv(x.ptr, DType::Float32, {B, D, H, W}, Device{1});
+  const TensorView ov(out.ptr, DType::Float32, {B, 4, D, L}, Device{1});
+  qm_emu::set_device_count(2);  // every context inactive
+  int after = -1;
+  std::thread([&] {
+    cross_scan_fwd_cuda(xv, ov, nullptr);
+    cudaGetDevice(&after);
+  }).join();
+  EXPECT_EQ(after, 1) << "a thread without a context on device 0 keeps device 1 current";
+  EXPECT_FALSE(qm_emu::primary_context_active(0)) << "the guard created a context on device 0";
+  EXPECT_TRUE(qm_emu::primary_context_active(1));
+  std::thread([&] {
+    cudaSetDevice(0);
+    cross_scan_fwd_cuda(xv, ov, nullptr);
+    cudaGetDevice(&after);
+  }).join();
+  EXPECT_EQ(after, 0) << "device 0, used by the thread, is current again";
+  qm_emu::set_device_count(1);
+#elif defined(QUADMAMBA_WITH_CUDA)
+  GTEST_SKIP() << "needs the CUDA emulation (devices without a context cannot be arranged on real GPUs)";
 #else
   GTEST_SKIP() << "built without CUDA kernels";
 #endif

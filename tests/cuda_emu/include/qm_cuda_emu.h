@@ -38,6 +38,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -81,12 +82,14 @@ inline dim3 blockDim, gridDim;
 constexpr int warpSize = 32;
 
 // ---- runtime API ---------------------------------------------------------------------
+#define CUDART_VERSION 13000  // the runtime version the emulation answers as
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
+  cudaErrorNotSupported = 801,
 };
 enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0,
@@ -128,6 +131,7 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorNotSupported: return "operation not supported";
   }
   return "unknown error";
 }
@@ -146,18 +150,80 @@ inline cudaError_t cudaDriverGetVersion(int* version) {
   *version = 13000;
   return cudaSuccess;
 }
+// Devices: one by default (qm_emu::set_device_count for more), each with a primary context that
+// becomes active, as from CUDA 12 on, when cudaSetDevice selects it or a call that needs it
+// (cudaMalloc, a launch) runs with it current; the current device is per thread (0 at first).
+namespace qm_emu {
+constexpr int kMaxDevices = 8;
+struct Devices {
+  std::atomic<int> count{1};
+  std::atomic<bool> context[kMaxDevices] = {};
+};
+inline Devices& devices() {
+  static Devices d;
+  return d;
+}
+inline int& current_device() {
+  thread_local int d = 0;
+  return d;
+}
+inline void use_context() { devices().context[current_device()] = true; }
+// Test hook: n emulated devices (1..kMaxDevices), every primary context inactive again.
+inline void set_device_count(int n) {
+  if (n < 1 || n > kMaxDevices) fail("set_device_count: 1..8 devices");
+  devices().count = n;
+  for (auto& c : devices().context) c = false;
+}
+inline bool primary_context_active(int device) { return devices().context[device]; }
+// The driver functions handed out by cudaGetDriverEntryPointByVersion (CUresult: 0 = success,
+// 101 = CUDA_ERROR_INVALID_DEVICE; a CUdevice is its ordinal here).
+inline int cu_device_get(int* device, int ordinal) {
+  if (ordinal < 0 || ordinal >= devices().count) return 101;
+  *device = ordinal;
+  return 0;
+}
+inline int cu_device_primary_ctx_get_state(int device, unsigned int* flags, int* active) {
+  if (device < 0 || device >= devices().count) return 101;
+  *flags = 0;
+  *active = primary_context_active(device) ? 1 : 0;
+  return 0;
+}
+}  // namespace qm_emu
+
 inline cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
+  *count = qm_emu::devices().count;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = qm_emu::current_device();
   return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+inline cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device >= qm_emu::devices().count) return cudaErrorInvalidDevice;
+  qm_emu::current_device() = device;
+  qm_emu::use_context();
+  return cudaSuccess;
+}
+enum cudaDriverEntryPointQueryResult {
+  cudaDriverEntryPointSuccess = 0,
+  cudaDriverEntryPointSymbolNotFound = 1,
+  cudaDriverEntryPointVersionNotSufficent = 2,
+};
+#define cudaEnableDefault 0x0
+inline cudaError_t cudaGetDriverEntryPointByVersion(const char* symbol, void** fn, unsigned int, unsigned long long,
+                                                    cudaDriverEntryPointQueryResult* status = nullptr) {
+  void* f = nullptr;
+  if (std::strcmp(symbol, "cuDeviceGet") == 0) f = reinterpret_cast<void*>(&qm_emu::cu_device_get);
+  if (std::strcmp(symbol, "cuDevicePrimaryCtxGetState") == 0)
+    f = reinterpret_cast<void*>(&qm_emu::cu_device_primary_ctx_get_state);
+  *fn = f;
+  if (status) *status = f ? cudaDriverEntryPointSuccess : cudaDriverEntryPointSymbolNotFound;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  qm_emu::use_context();
   *ptr = nullptr;
   if (bytes == 0) return cudaSuccess;
   return posix_memalign(ptr, 256, bytes) == 0 ? cudaSuccess : cudaErrorMemoryAllocation;
@@ -464,6 +530,7 @@ struct Launcher {
     const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     const std::function<void()> body = [&] { std::apply(kernel, params); };
     const FlushDenormals ftz(flush_denormals);
+    use_context();
     run(grid, block, shared_bytes, body);
   }
 };
