@@ -205,7 +205,7 @@ def test_timm_entry_takes_timm_arguments():
     assert next(model.parameters()).dtype == torch.float64
     assert entry(features_only=True, out_indices=2, kernels="reference").config.out_indices == (2, 3)
     assert entry(img_size=(64, 80), output_stride=32).pretrained_cfg["input_size"] == (3, 64, 80)
-    with pytest.raises(ValueError, match="no pretrained weights"):
+    with pytest.raises(ValueError, match=r"needs local weights .*pretrained_cfg_overlay=dict\(file="):
         entry(pretrained=True)
     with pytest.raises(ValueError, match="global_pool"):
         entry(global_pool="max")
@@ -218,8 +218,160 @@ def test_timm_entry_takes_timm_arguments():
             entry(img_size=bad)
     with pytest.raises(TypeError, match="pretrained_cfg_overlay"):
         entry(pretrained_cfg_overlay=[("mean", 0.5)])
-    with pytest.raises(TypeError, match=r"unsupported arguments \['feature_cls'\]"):
+    with pytest.raises(TypeError, match=r"unsupported arguments \['pruned'\]"):
+        entry(pruned=True)
+    model = entry(pretrained_model_args=dict(kernels="reference"), kernels="reference", pretrained_cfg="in1k")
+    assert model.pretrained_model_args == {"kernels": "reference"}
+    with pytest.raises(TypeError, match="pretrained_model_args"):
+        entry(pretrained_model_args=["kernels"])
+    with pytest.raises(TypeError, match="pretrained_cfg must be"):
+        entry(pretrained_cfg=3)
+
+
+def test_timm_entry_feature_cls():
+    """timm.create_model hands features_only, out_indices and feature_cls to the entry point
+    (a plain registered function: timm wraps only models built by build_model_with_cfg), so the
+    entry point builds what timm's FeatureGetterNet would give: the stages' outputs, no norms."""
+    torch.manual_seed(0)
+    entry = integrations._timm_entry("quadmamba_nano")
+    whole = nano().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps, _ = whole.forward_intermediates(x)
+    getter = entry(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+                   features_only=True, feature_cls="getter", out_indices=(1, -2), kernels="reference").eval()
+    assert len(getter.out_norms) == 0 and len(getter.stages) == 3 and getter.config.out_indices == (1, 2)
+    assert getter.feature_info.channels() == [32, 64] and getter.feature_info.reduction() == [8, 16]
+    assert not any(k.startswith("head.") for k in getter.state_dict())
+    getter.load_state_dict({k: v for k, v in whole.state_dict().items() if k in getter.state_dict()})
+    with torch.no_grad():
+        got = getter(x)
+    assert len(got) == 2
+    torch.testing.assert_close(got[0], maps[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], maps[2], rtol=0, atol=0)
+    # None: the model's own backbone (maps through its out-norms), as without feature_cls
+    own = entry(features_only=True, feature_cls=None, out_indices=(1, 2), kernels="reference")
+    assert sorted(own.out_norms) == ["1", "2"]
+    assert len(entry(features_only=True, feature_cls="Getter", kernels="reference").out_norms) == 0
+    for bad in ("list", "dict", "hook", "fx", object):
+        with pytest.raises(ValueError, match=r"feature_cls must be None .* or 'getter'"):
+            entry(features_only=True, feature_cls=bad)
+    with pytest.raises(ValueError, match="feature_cls='getter' needs features_only=True"):
         entry(feature_cls="getter")
+
+
+def test_load_official_into_trimmed_models_strictly():
+    """A classifier's checkpoint in the authors' layout loads strictly into a backbone and into a
+    pruned model: the parts they lack are reported unused, a backbone's out-norms initialised."""
+    from quadmamba.models.convert import load_official, ours_to_official
+
+    torch.manual_seed(0)
+    whole = nano().eval()
+    official = {"model": ours_to_official(whole.state_dict())}
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps, _ = whole.forward_intermediates(x)
+
+    torch.manual_seed(1)
+    dense = nano(features_only=True, out_indices=(1, 2)).eval()
+    report = load_official(dense, official)   # strict
+    assert report.ok and not report.missing and not report.unexpected and report.entry == "model"
+    assert sorted(report.initialised) == ["out_norms.1.bias", "out_norms.1.weight", "out_norms.2.bias",
+                                          "out_norms.2.weight"]
+    unused = set(report.unused)
+    assert {k for k in unused if k.startswith("head.")} == {k for k in whole.state_dict() if k.startswith("head.")}
+    assert {k for k in whole.state_dict() if k.startswith(("stages.3.", "stages.2.downsample."))} <= unused
+    assert all(k.startswith(("head.", "stages.3.", "stages.2.downsample.")) for k in unused)
+    text = str(report)
+    assert "checkpoint keys not loaded: head.* (4 keys): no classifier head" in text
+    assert "stages.3.* (18 keys): not built (the model has stages 0..2)" in text
+    assert "model keys not loaded, kept as they are: out_norms.* (4 keys)" in text
+    with torch.no_grad():
+        raw = dense.forward_intermediates(x, indices=(1, 2), norm=False, intermediates_only=True)
+        normed = dense(x)
+    for i, (got, want) in enumerate(zip(raw, maps[1:3])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        fresh = torch.nn.functional.layer_norm(want.permute(0, 2, 3, 1), want.shape[1:2]).permute(0, 3, 1, 2)
+        torch.testing.assert_close(normed[i], fresh, rtol=0, atol=0)   # out-norms at their init (1, 0)
+
+    pruned = nano().eval()
+    assert pruned.prune_intermediate_layers([0, 1]) == [0, 1]
+    report = load_official(pruned, official)
+    assert report.ok and not report.initialised
+    assert {why.split(":")[0] for why in report.unused.values()} == {"head.*", "stages.1.downsample.*", "stages.2.*",
+                                                                      "stages.3.*"}
+    with torch.no_grad():
+        got = pruned.forward_intermediates(x, intermediates_only=True)
+    for a, b in zip(got, maps[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # a pruned backbone takes a backbone's checkpoint (out-norms included; those of removed stages unused)
+    backbone = nano(features_only=True).eval()
+    with torch.no_grad():
+        for norm in backbone.out_norms.values():
+            norm.weight.uniform_(0.5, 1.5)
+    kept = nano(features_only=True).eval()
+    kept.prune_intermediate_layers((0, 1))
+    report = load_official(kept, ours_to_official(backbone.state_dict()))
+    assert report.ok and not report.initialised
+    assert {k for k in report.unused if k.startswith("out_norms.")} == {f"out_norms.{i}.{p}" for i in (2, 3)
+                                                                         for p in ("weight", "bias")}
+    assert torch.equal(kept.out_norms["1"].weight, backbone.out_norms["1"].weight)
+
+    # with num_classes=0 the head's Linear is unused, its norm loads
+    headless = nano(num_classes=0)
+    report = load_official(headless, official)
+    assert sorted(report.unused) == ["head.fc.bias", "head.fc.weight"]
+    assert torch.equal(headless.head.norm.weight, whole.head.norm.weight)
+
+
+def test_load_official_into_trimmed_models_still_fails_on_real_mismatches():
+    from quadmamba.models.convert import load_official, ours_to_official
+
+    whole = nano()
+    good = ours_to_official(whole.state_dict())
+    for target in (lambda: nano(features_only=True, out_indices=(1, 2)), lambda: nano().eval()):
+        model = target()
+        if model.head is not None:
+            model.prune_intermediate_layers([0, 1])
+        bad = dict(good)
+        bad["layers.1.blocks.0.op.Ds"] = torch.ones(3)      # a shape changed
+        del bad["layers.0.blocks.1.norm.weight"]            # a key the model has, removed
+        bad["classifier.extra"] = torch.ones(1)             # an unknown key (of a part the model lacks)
+        with pytest.raises(ValueError) as err:
+            load_official(model, bad)
+        text = str(err.value)
+        assert "missing in checkpoint (1): stages.0.blocks.1.norm1.weight (authors': layers.0.blocks.1.norm.weight)" \
+            in text
+        assert "stages.1.blocks.0.mixer.Ds (authors': layers.1.blocks.0.op.Ds) model (64,) vs checkpoint (3,)" in text
+        assert "unexpected in checkpoint (1): classifier.extra" in text
+    # a backbone's checkpoint that lacks one of the model's out-norms: missing, not initialised
+    backbone = ours_to_official(nano(features_only=True, out_indices=(2, 3)).state_dict())
+    with pytest.raises(ValueError, match=r"missing in checkpoint \(2\): out_norms.1.bias \(authors': outnorm1.bias\)"):
+        load_official(nano(features_only=True, out_indices=(1, 3)), backbone)
+    # a classifier of another num_classes: a shape mismatch unless reset_head
+    with pytest.raises(ValueError, match=r"head.fc.weight \(authors': classifier.head.weight\) model \(7, 128\)"):
+        load_official(nano(num_classes=7), good)
+    seven = nano(num_classes=7)
+    before = seven.head.fc.weight.clone()
+    report = load_official(seven, good, reset_head=True)
+    assert sorted(report.initialised) == ["head.fc.bias", "head.fc.weight"]
+    assert torch.equal(seven.head.fc.weight, before)
+    assert "a new classifier Linear, 7 classes (the checkpoint's has 1000)" in str(report)
+    assert torch.equal(seven.head.norm.weight, whole.head.norm.weight)
+
+
+def test_unwrap_checkpoint_prefers_ema_weights():
+    from quadmamba.models.convert import checkpoint_entry, unwrap_checkpoint
+
+    model, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    assert unwrap_checkpoint({"format": "quadmamba", "model": model, "ema": ema}) == ema
+    assert unwrap_checkpoint({"model": model, "ema": None}) == model   # a run without EMA
+    assert unwrap_checkpoint({"state_dict": model, "state_dict_ema": ema}) == ema
+    assert checkpoint_entry({"state_dict": model}) == "state_dict" and checkpoint_entry(model) is None
+    assert unwrap_checkpoint(model) == model
+    with pytest.raises(TypeError, match="checkpoint must be a mapping"):
+        unwrap_checkpoint([("w", torch.zeros(1))])
 
 
 def test_register_timm_once(monkeypatch):

@@ -15,16 +15,30 @@ Key correspondence (authors' <-> ours; {i} stage, {j} block, {k} out-norm index)
     layers.{i}.downsample.{1,3}              <-> stages.{i}.downsample.{conv,norm}
     classifier.{norm,head}                   <-> head.{norm,fc}
     outnorm{k}                               <-> out_norms.{k}
-The authors' checkpoints keep the weights under "model".
+The authors' checkpoints keep the weights under "model"; this package's ``quadmamba train``
+checkpoints under "model" and, when the run kept an EMA, "ema" (the weights ``quadmamba eval``
+scores, which unwrap_checkpoint takes).
+
+A model may lack parts of the network a checkpoint has, by construction: a features_only
+backbone or a model with num_classes=0 the classifier (or its Linear), a backbone with fewer
+out_indices or a model after prune_intermediate_layers the later stages, the last kept stage's
+downsample and out-norms. Loading reports the checkpoint's keys of those parts as unused
+rather than unexpected; strict loading still fails on any key the model has and the
+checkpoint lacks (save a backbone's out-norms, which a classifier's checkpoint never has and
+which keep their initialisation), on unexpected keys and on shape mismatches.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from quadmamba.models.config import NUM_STAGES
+from quadmamba.models.quadmamba import QuadMamba
 
 _BLOCK = ("layers.{i}.blocks.{j}.", "stages.{i}.blocks.{j}.")
 _RULES: List[Tuple[str, str]] = [
@@ -81,12 +95,30 @@ def _rename(key: str, rules) -> str:
     raise KeyError(key)
 
 
+# Where checkpoints keep their weights, in order of preference: the EMA weights first (this
+# package's "ema" and timm's "state_dict_ema" / "model_ema", as timm's loader prefers them), then
+# the trained ones.
+_ENTRIES = ("ema", "state_dict_ema", "model_ema", "model", "state_dict")
+
+
+def checkpoint_entry(checkpoint: Mapping) -> Optional[str]:
+    """The key under which a checkpoint keeps its state dict (see unwrap_checkpoint), or None
+    when the mapping is the state dict itself."""
+    for key in _ENTRIES:
+        if isinstance(checkpoint.get(key), Mapping):
+            return key
+    return None
+
+
 def unwrap_checkpoint(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint (under "model" or "state_dict"), or the mapping itself."""
-    for key in ("model", "state_dict"):
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            return dict(checkpoint[key])
-    return dict(checkpoint)
+    """The state dict inside a checkpoint, or the mapping itself: the EMA weights where there are
+    some ("ema" of a ``quadmamba train`` checkpoint that kept an EMA, timm's "state_dict_ema" or
+    "model_ema"), else those under "model" or "state_dict"."""
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a mapping (a state dict or a dict holding one), "
+                        f"got {type(checkpoint).__name__}")
+    entry = checkpoint_entry(checkpoint)
+    return dict(checkpoint[entry] if entry is not None else checkpoint)
 
 
 def official_to_ours(state_dict: Mapping, keep_unknown: bool = False) -> Dict[str, torch.Tensor]:
@@ -131,22 +163,30 @@ def ours_to_official(state_dict: Mapping) -> Dict[str, torch.Tensor]:
 
 @dataclass
 class LoadReport:
-    """Differences between a converted state dict and a model."""
+    """Differences between a converted state dict and a model.
+
+    missing, unexpected and mismatched fail strict loading. unused (checkpoint keys of parts the
+    model does not have by construction) and initialised (model keys the checkpoint does not
+    hold for a known reason, left as they are: their initialisation in a new model) do not;
+    both map each key to why.
+    """
 
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
     # our key -> the authors' key, where the state dict came in the authors' layout (shown beside ours)
     official_names: Dict[str, str] = field(default_factory=dict)
+    unused: Dict[str, str] = field(default_factory=dict)
+    initialised: Dict[str, str] = field(default_factory=dict)
+    # the checkpoint's entry the weights came from ("ema", "model", ...; None: the mapping itself)
+    entry: Optional[str] = None
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        if self.ok:
-            return "all keys matched"
-        lines = []
+        lines = [] if self.entry is None else [f"weights from the checkpoint's {self.entry!r} entry"]
         if self.missing:
             lines.append(f"missing in checkpoint ({len(self.missing)}): " + ", ".join(map(self._name, self.missing)))
         if self.unexpected:
@@ -155,6 +195,13 @@ class LoadReport:
         if self.mismatched:
             lines.append(f"shape mismatches ({len(self.mismatched)}): " + ", ".join(
                 f"{self._name(k)} model {tuple(m)} vs checkpoint {tuple(c)}" for k, m, c in self.mismatched))
+        if self.ok:
+            lines.append("all other keys matched" if self.unused or self.initialised else "all keys matched")
+        for title, keys in (("checkpoint keys not loaded", self.unused),
+                            ("model keys not loaded, kept as they are", self.initialised)):
+            for why, count in Counter(keys.values()).items():
+                part, _, explanation = why.partition(": ")
+                lines.append(f"{title}: {part} ({count} keys): {explanation}")
         return "\n".join(lines)
 
     def _name(self, key: str) -> str:
@@ -162,27 +209,79 @@ class LoadReport:
         return key if official is None or official == key else f"{key} (authors': {official})"
 
 
-def compare_state_dict(model: nn.Module, state_dict: Mapping) -> LoadReport:
-    """Missing, unexpected and shape-mismatched keys of state_dict against model."""
+def _absent_part(model: nn.Module, key: str) -> Optional[str]:
+    """Why a QuadMamba does not have the part of the network that a checkpoint key (our layout)
+    belongs to, when it lacks it by construction (no head, fewer stages, no downsample after the
+    last stage, fewer out-norms); None for any other key."""
+    if not isinstance(model, QuadMamba):
+        return None
+    parts = key.split(".")
+    index = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+    if parts[0] == "head" and len(parts) > 2:
+        if model.head is None:
+            return "head.*: no classifier head (a features_only backbone, or pruned by prune_intermediate_layers)"
+        if parts[1] == "fc" and isinstance(model.head.fc, nn.Identity):
+            return "head.fc.*: num_classes=0, the head ends without a Linear"
+    elif parts[0] == "stages" and index is not None and index < NUM_STAGES:
+        built = len(model.stages)
+        if index >= built:
+            return f"stages.{index}.*: not built (the model has stages 0..{built - 1})"
+        if parts[2] == "downsample" and index < NUM_STAGES - 1 and isinstance(model.stages[index].downsample,
+                                                                              nn.Identity):
+            return f"stages.{index}.downsample.*: stage {index} is the model's last, without a downsample"
+    elif parts[0] == "out_norms" and index is not None and index < NUM_STAGES:
+        if model.out_norms is None or str(index) not in model.out_norms:
+            return f"out_norms.{index}.*: the model returns no map of stage {index} through an out-norm"
+    return None
+
+
+def compare_state_dict(model: nn.Module, state_dict: Mapping, reset_head: bool = False) -> LoadReport:
+    """Missing, unexpected and shape-mismatched keys of state_dict against model; the keys of
+    parts the model lacks by construction are unused, not unexpected (see the module's
+    docstring), and a backbone's out-norms missing from a checkpoint without any are
+    initialised, not missing. reset_head: a classifier Linear whose shape differs from the
+    checkpoint's (another num_classes) is initialised, not mismatched."""
     expected = model.state_dict()
-    report = LoadReport(
-        missing=sorted(set(expected) - set(state_dict)),
-        unexpected=sorted(set(state_dict) - set(expected)),
-    )
+    report = LoadReport()
+    for key in sorted(set(state_dict) - set(expected)):
+        why = _absent_part(model, key)
+        if why is None:
+            report.unexpected.append(key)
+        else:
+            report.unused[key] = why
+    any_out_norms = any(k.startswith("out_norms.") for k in state_dict)
+    for key in sorted(set(expected) - set(state_dict)):
+        if key.startswith("out_norms.") and not any_out_norms and isinstance(model, QuadMamba):
+            report.initialised[key] = "out_norms.*: the backbone's out-norms, which the checkpoint (of a " \
+                                      "classifier) has none of"
+        else:
+            report.missing.append(key)
     for key in sorted(set(expected) & set(state_dict)):
-        if tuple(expected[key].shape) != tuple(state_dict[key].shape):
-            report.mismatched.append((key, tuple(expected[key].shape), tuple(state_dict[key].shape)))
+        model_shape, shape = tuple(expected[key].shape), tuple(state_dict[key].shape)
+        if model_shape == shape:
+            continue
+        if reset_head and key in ("head.fc.weight", "head.fc.bias") and isinstance(model, QuadMamba):
+            report.initialised[key] = (f"head.fc.*: a new classifier Linear, {model.num_classes} classes "
+                                       f"(the checkpoint's has {shape[0]})")
+        else:
+            report.mismatched.append((key, model_shape, shape))
     return report
 
 
-def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True) -> LoadReport:
-    """Load an authors' checkpoint (or state dict) into ``model``.
+def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True, reset_head: bool = False) -> LoadReport:
+    """Load a checkpoint (or state dict) in the authors' layout or this package's into ``model``.
 
-    strict: raise ValueError with the report unless every key and shape matches; otherwise
-    load the matching tensors and return the report.
+    strict: raise ValueError with the report unless every key the model has is in the checkpoint
+    with its shape and the checkpoint has no unexpected key (keys of parts the model lacks by
+    construction are reported unused and do not count; nor do a backbone's out-norms that a
+    classifier's checkpoint has none of); otherwise load the matching tensors and return the report.
+    reset_head: a classifier Linear of another num_classes than the checkpoint's keeps its
+    initialisation (reported) instead of failing as a shape mismatch.
     """
+    entry = checkpoint_entry(checkpoint) if isinstance(checkpoint, Mapping) else None
     converted = official_to_ours(checkpoint, keep_unknown=True)
-    report = compare_state_dict(model, converted)
+    report = compare_state_dict(model, converted, reset_head=reset_head)
+    report.entry = entry
     for key in report.missing + report.unexpected + [k for k, _, _ in report.mismatched]:
         try:
             report.official_names[key] = _rename(key, _BACKWARD)
@@ -190,6 +289,7 @@ def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True) ->
             pass
     if strict and not report.ok:
         raise ValueError(f"checkpoint does not match the model:\n{report}")
-    bad = set(report.unexpected) | {k for k, _, _ in report.mismatched}
-    model.load_state_dict({k: v for k, v in converted.items() if k not in bad}, strict=False)
+    skip = set(report.unexpected) | set(report.unused) | set(report.initialised) \
+        | {k for k, _, _ in report.mismatched}
+    model.load_state_dict({k: v for k, v in converted.items() if k not in skip}, strict=False)
     return report
