@@ -489,6 +489,8 @@ ScanArgs make_args(const SelectiveScanParams& p, const TensorView& u, const Tens
            "selective_scan CUDA: u must be float32, float16 or bfloat16, got ", dtype_name(u.dtype));
   QM_CHECK(A.dtype == DType::Float32, "selective_scan CUDA: A must be float32, got ",
            dtype_name(A.dtype));
+  QM_CHECK(p.rank == 0, "selective_scan CUDA: the kernels take delta as (B, KD, L); a low-rank delta "
+           "(delta_proj) is a CPU feature: pass delta_proj @ delta");
   check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias);
   QM_CHECK(p.batch >= 1 && p.channels >= 1, "selective_scan CUDA: B = ", p.batch, ", KD = ", p.channels,
            ": empty tensors have nothing to launch (the Python op returns empty outputs for them)");

@@ -175,44 +175,46 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "selective_scan_fwd",
       [](py::object u, py::object delta, py::object A, py::object B, py::object C, py::object D,
-         py::object delta_bias, bool delta_softplus, py::object y, uintptr_t stream) {
+         py::object delta_bias, bool delta_softplus, py::object y, uintptr_t stream, py::object delta_proj) {
         const TensorView vu = to_view(u, "u"), vdelta = to_view(delta, "delta"),
                          vA = to_view(A, "A"), vB = to_view(B, "B"), vC = to_view(C, "C"),
                          vD = to_view(D, "D"), vbias = to_view(delta_bias, "delta_bias"),
-                         vy = to_view(y, "y");
-        auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus);
+                         vy = to_view(y, "y"), vproj = to_view(delta_proj, "delta_proj");
+        auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus, vproj);
         p.stream = to_stream(stream);
         py::gil_scoped_release release;
-        if (vu.device.is_cpu()) return quadmamba::selective_scan_fwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vy);
+        if (vu.device.is_cpu())
+          return quadmamba::selective_scan_fwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vy, vproj);
         QM_CUDA_OR_ERROR("selective_scan_fwd",
                          quadmamba::selective_scan_fwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vy));
       },
       py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
       py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("y"), py::arg("stream"),
-      "Selective scan forward: writes y.");
+      py::arg("delta_proj") = py::none(),
+      "Selective scan forward: writes y. With delta_proj (KD, R) (CPU), delta is the low-rank (B, K, R, L).");
   m.def(
       "selective_scan_bwd",
       [](py::object u, py::object delta, py::object A, py::object B, py::object C, py::object D,
          py::object delta_bias, bool delta_softplus, py::object dy, py::object du,
          py::object ddelta, py::object dA, py::object dB, py::object dC, py::object dD,
          py::object ddelta_bias, py::object workspace, py::object partials, py::object row_partials,
-         uintptr_t stream) {
+         uintptr_t stream, py::object delta_proj) {
         const TensorView vu = to_view(u, "u"), vdelta = to_view(delta, "delta"),
                          vA = to_view(A, "A"), vB = to_view(B, "B"), vC = to_view(C, "C"),
                          vD = to_view(D, "D"), vbias = to_view(delta_bias, "delta_bias"),
                          vdy = to_view(dy, "dy"), vdu = to_view(du, "du"),
                          vddelta = to_view(ddelta, "ddelta"), vdA = to_view(dA, "dA"),
                          vdB = to_view(dB, "dB"), vdC = to_view(dC, "dC"), vdD = to_view(dD, "dD"),
-                         vdbias = to_view(ddelta_bias, "ddelta_bias");
+                         vdbias = to_view(ddelta_bias, "ddelta_bias"), vproj = to_view(delta_proj, "delta_proj");
         [[maybe_unused]] const TensorView vws = to_view(workspace, "workspace"),  // CUDA only
                                           vpart = to_view(partials, "partials"),
                                           vrow = to_view(row_partials, "row_partials");
-        auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus);
+        auto p = quadmamba::selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, delta_softplus, vproj);
         p.stream = to_stream(stream);
         py::gil_scoped_release release;
         if (vu.device.is_cpu())
           return quadmamba::selective_scan_bwd_cpu(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu, vddelta,
-                                                   vdA, vdB, vdC, vdD, vdbias);
+                                                   vdA, vdB, vdC, vdD, vdbias, vproj);
         QM_CUDA_OR_ERROR("selective_scan_bwd",
                          quadmamba::selective_scan_bwd_cuda(p, vu, vdelta, vA, vB, vC, vD, vbias, vdy, vdu,
                                                             vddelta, vdA, vdB, vdC, vdD, vdbias, vws, vpart,
@@ -222,8 +224,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("dy"), py::arg("du"),
       py::arg("ddelta"), py::arg("dA"), py::arg("dB"), py::arg("dC"), py::arg("dD"),
       py::arg("ddelta_bias"), py::arg("workspace"), py::arg("partials"), py::arg("row_partials"),
-      py::arg("stream"),
-      "Selective scan backward: writes du, ddelta, dA, dB, dC, dD, ddelta_bias (CUDA: the "
+      py::arg("stream"), py::arg("delta_proj") = py::none(),
+      "Selective scan backward: writes du, ddelta, dA, dB, dC, dD, ddelta_bias (ddelta: the gradient of the "
+      "projected (B, KD, L) delta where delta_proj is given; CUDA: the "
       "float32 dA, dB, dC, dD, ddelta_bias buffers must be zeroed by the caller unless the "
       "partials buffers are given, which selects the deterministic reduction).");
 }

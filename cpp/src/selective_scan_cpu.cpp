@@ -32,7 +32,8 @@ struct ScanArgs {
   const T* C;
   const T* Dskip;       // may be null
   const T* delta_bias;  // may be null
-  int64_t batch, channels, groups, length, dstate, per_group, blocks_per_group;
+  const T* delta_proj;  // (KD, R), may be null: delta is (B, K, R, L) where given
+  int64_t batch, channels, groups, length, dstate, rank, per_group, blocks_per_group;
   bool softplus;
 };
 
@@ -111,7 +112,7 @@ template <typename T>
 ScanArgs<T> make_args(const SelectiveScanParams& p, const TensorView& u,
                                const TensorView& delta, const TensorView& A, const TensorView& B,
                                const TensorView& C, const TensorView& Dskip,
-                               const TensorView& delta_bias) {
+                               const TensorView& delta_bias, const TensorView& delta_proj) {
   ScanArgs<T> a;
   a.u = u.ptr<const T>();
   a.delta = delta.ptr<const T>();
@@ -120,6 +121,8 @@ ScanArgs<T> make_args(const SelectiveScanParams& p, const TensorView& u,
   a.C = C.ptr<const T>();
   a.Dskip = Dskip.defined() ? Dskip.ptr<const T>() : nullptr;
   a.delta_bias = delta_bias.defined() ? delta_bias.ptr<const T>() : nullptr;
+  a.delta_proj = delta_proj.defined() ? delta_proj.ptr<const T>() : nullptr;
+  a.rank = p.rank;
   a.batch = p.batch;
   a.channels = p.channels;
   a.groups = p.groups;
@@ -135,8 +138,9 @@ ScanArgs<T> make_args(const SelectiveScanParams& p, const TensorView& u,
 template <typename T>
 void fwd_typed(const SelectiveScanParams& p, const TensorView& u, const TensorView& delta,
                const TensorView& A, const TensorView& B, const TensorView& C,
-               const TensorView& Dskip, const TensorView& delta_bias, const TensorView& y) {
-  const auto a = make_args<T>(p, u, delta, A, B, C, Dskip, delta_bias);
+               const TensorView& Dskip, const TensorView& delta_bias, const TensorView& y,
+               const TensorView& delta_proj) {
+  const auto a = make_args<T>(p, u, delta, A, B, C, Dskip, delta_bias, delta_proj);
 #if defined(QM_SCAN_HAVE_AVX2)
   if (scan_isa() == ScanIsa::avx512) return avx512::scan_fwd(a, y.ptr<T>());
   if (scan_isa() == ScanIsa::avx2) return avx2::scan_fwd(a, y.ptr<T>());
@@ -166,8 +170,8 @@ void bwd_typed(const SelectiveScanParams& p, const TensorView& u, const TensorVi
                const TensorView& Dskip, const TensorView& delta_bias, const TensorView& dy,
                const TensorView& du, const TensorView& ddelta, const TensorView& dA,
                const TensorView& dB, const TensorView& dC, const TensorView& dDskip,
-               const TensorView& ddelta_bias) {
-  const auto a = make_args<T>(p, u, delta, A, B, C, Dskip, delta_bias);
+               const TensorView& ddelta_bias, const TensorView& delta_proj) {
+  const auto a = make_args<T>(p, u, delta, A, B, C, Dskip, delta_bias, delta_proj);
   const int64_t bpg = a.blocks_per_group, N = p.dstate, L = p.length;
   const int64_t per_item = N * L;
   // dB/dC: one partial per lane group, summed over the lane groups of a group in
@@ -213,12 +217,13 @@ void bwd_typed(const SelectiveScanParams& p, const TensorView& u, const TensorVi
 SelectiveScanParams selective_scan_params(const TensorView& u, const TensorView& delta,
                                           const TensorView& A, const TensorView& B,
                                           const TensorView& C, const TensorView& Dskip,
-                                          const TensorView& delta_bias, bool delta_softplus) {
+                                          const TensorView& delta_bias, bool delta_softplus,
+                                          const TensorView& delta_proj) {
   const Device dev = u.device;
   const DType dt = u.dtype;
   const DType wt = dt == DType::Float64 ? DType::Float64 : DType::Float32;
   check_view(u, "u", 3, dt, dev);
-  check_view(delta, "delta", 3, dt, dev);
+  check_view(delta, "delta", delta_proj.defined() ? 4 : 3, dt, dev);
   check_view(A, "A", 2, wt, dev);
   check_view(B, "B", 4, dt, dev);
   check_view(C, "C", 4, dt, dev);
@@ -234,7 +239,16 @@ SelectiveScanParams selective_scan_params(const TensorView& u, const TensorView&
            " must divide KD = ", p.channels);
   QM_CHECK(p.dstate >= 1 && p.dstate <= kSelectiveScanMaxN, "A: N must be in [1, 16], got ",
            p.dstate);
-  check_shape(delta, "delta", {p.batch, p.channels, p.length});
+  if (delta_proj.defined()) {
+    check_view(delta_proj, "delta_proj", 2, wt, dev);
+    p.rank = delta_proj.shape[1];
+    QM_CHECK(p.rank >= 1, "delta_proj: the rank R must be >= 1, got shape (", delta_proj.shape[0], ", ",
+             p.rank, ")");
+    check_shape(delta_proj, "delta_proj", {p.channels, p.rank});
+    check_shape(delta, "delta", {p.batch, p.groups, p.rank, p.length});
+  } else {
+    check_shape(delta, "delta", {p.batch, p.channels, p.length});
+  }
   check_shape(A, "A", {p.channels, p.dstate});
   check_shape(B, "B", {p.batch, p.groups, p.dstate, p.length});
   check_shape(C, "C", {p.batch, p.groups, p.dstate, p.length});
@@ -251,27 +265,31 @@ SelectiveScanParams selective_scan_params(const TensorView& u, const TensorView&
 
 void check_selective_scan_inputs(const SelectiveScanParams& p, const TensorView& u, const TensorView& delta,
                                  const TensorView& A, const TensorView& B, const TensorView& C,
-                                 const TensorView& Dskip, const TensorView& delta_bias) {
-  const SelectiveScanParams q = selective_scan_params(u, delta, A, B, C, Dskip, delta_bias, p.delta_softplus);
+                                 const TensorView& Dskip, const TensorView& delta_bias,
+                                 const TensorView& delta_proj) {
+  const SelectiveScanParams q =
+      selective_scan_params(u, delta, A, B, C, Dskip, delta_bias, p.delta_softplus, delta_proj);
   QM_CHECK(q.batch == p.batch && q.channels == p.channels && q.groups == p.groups && q.length == p.length &&
-               q.dstate == p.dstate,
-           "the tensors do not have the sizes of p (B, KD, K, L, N) = (", p.batch, ", ", p.channels, ", ",
-           p.groups, ", ", p.length, ", ", p.dstate, "), they have (", q.batch, ", ", q.channels, ", ", q.groups,
-           ", ", q.length, ", ", q.dstate, "): pass the tensors given to selective_scan_params");
+               q.dstate == p.dstate && q.rank == p.rank,
+           "the tensors do not have the sizes of p (B, KD, K, L, N, R) = (", p.batch, ", ", p.channels, ", ",
+           p.groups, ", ", p.length, ", ", p.dstate, ", ", p.rank, "), they have (", q.batch, ", ", q.channels,
+           ", ", q.groups, ", ", q.length, ", ", q.dstate, ", ", q.rank,
+           "): pass the tensors given to selective_scan_params");
 }
 
 void selective_scan_fwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& delta, const TensorView& A, const TensorView& B,
                             const TensorView& C, const TensorView& Dskip,
-                            const TensorView& delta_bias, const TensorView& y) {
+                            const TensorView& delta_bias, const TensorView& y,
+                            const TensorView& delta_proj) {
   QM_CHECK(u.device.is_cpu(), "selective_scan_fwd_cpu: tensors must be on the CPU");
-  check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias);
+  check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias, delta_proj);
   check_view(y, "y", 3, u.dtype, u.device);
   check_shape(y, "y", {p.batch, p.channels, p.length});
   if (u.dtype == DType::Float32)
-    fwd_typed<float>(p, u, delta, A, B, C, Dskip, delta_bias, y);
+    fwd_typed<float>(p, u, delta, A, B, C, Dskip, delta_bias, y, delta_proj);
   else if (u.dtype == DType::Float64)
-    fwd_typed<double>(p, u, delta, A, B, C, Dskip, delta_bias, y);
+    fwd_typed<double>(p, u, delta, A, B, C, Dskip, delta_bias, y, delta_proj);
   else
     QM_CHECK(false, "selective_scan on the CPU takes float32 or float64, got ",
              dtype_name(u.dtype));
@@ -283,9 +301,9 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& delta_bias, const TensorView& dy,
                             const TensorView& du, const TensorView& ddelta, const TensorView& dA,
                             const TensorView& dB, const TensorView& dC, const TensorView& dDskip,
-                            const TensorView& ddelta_bias) {
+                            const TensorView& ddelta_bias, const TensorView& delta_proj) {
   QM_CHECK(u.device.is_cpu(), "selective_scan_bwd_cpu: tensors must be on the CPU");
-  check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias);
+  check_selective_scan_inputs(p, u, delta, A, B, C, Dskip, delta_bias, delta_proj);
   const DType dt = u.dtype, wt = A.dtype;
   check_view(dy, "dy", 3, dt, u.device);
   check_shape(dy, "dy", {p.batch, p.channels, p.length});
@@ -314,10 +332,10 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
   }
   if (dt == DType::Float32)
     bwd_typed<float>(p, u, delta, A, B, C, Dskip, delta_bias, dy, du, ddelta, dA, dB, dC, dDskip,
-                     ddelta_bias);
+                     ddelta_bias, delta_proj);
   else if (dt == DType::Float64)
     bwd_typed<double>(p, u, delta, A, B, C, Dskip, delta_bias, dy, du, ddelta, dA, dB, dC, dDskip,
-                      ddelta_bias);
+                      ddelta_bias, delta_proj);
   else
     QM_CHECK(false, "selective_scan on the CPU takes float32 or float64, got ", dtype_name(dt));
 }

@@ -4,7 +4,8 @@ GFLOPs follow fvcore (used by the paper): 1 FLOP per multiply-add. Counted:
   - convolutions, linears, einsums/matmuls: multiply-adds (torch's FlopCounterMode counts
     2 per multiply-add; halved here);
   - each selective-scan call: 9*B*L*(K*D)*N + B*(K*D)*L (the authors' analytic formula;
-    the second term is the D skip), counted from the call's shapes;
+    the second term is the D skip), counted from the call's shapes, plus B*(K*D)*L*R for the
+    dt_proj projection the scan forms itself (a matmul in the authors' code);
   - LayerNorm: 5 per input element (fvcore's estimate for an affine norm);
   - global average pooling: 1 per input element.
 Not counted (as in fvcore): activations, softmax, Gumbel sampling, gathers/rolls, adds.
@@ -31,14 +32,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def scan_flops(u: torch.Tensor, A: torch.Tensor, with_skip: bool = True) -> int:
-    """Authors' count for one scan call: 9*B*L*(K*D)*N (+ B*(K*D)*L for the D skip)."""
+def scan_flops(u: torch.Tensor, A: torch.Tensor, with_skip: bool = True, rank: int = 0) -> int:
+    """Authors' count for one scan call: 9*B*L*(K*D)*N (+ B*(K*D)*L for the D skip), plus
+    B*(K*D)*L*R for a low-rank delta's projection (the dt_proj matmul, rank R)."""
     batch, channels, length = u.shape
-    flops = 9 * batch * length * channels * A.shape[1]
+    flops = 9 * batch * length * channels * A.shape[1] + batch * channels * length * rank
     return flops + (batch * channels * length if with_skip else 0)
 
 
-def _shape_only_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+def _shape_only_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, delta_proj=None):
     return torch.empty_like(u)
 
 
@@ -73,7 +75,9 @@ def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: O
     extra = []
 
     def on_scan(module, args, output):
-        extra.append(scan_flops(args[0], args[2], with_skip=args[5] is not None))
+        proj = args[7] if len(args) > 7 else None
+        extra.append(scan_flops(args[0], args[2], with_skip=args[5] is not None,
+                                rank=0 if proj is None else proj.shape[-1]))
 
     def on_norm(module, args, output):
         extra.append(5 * args[0].numel())

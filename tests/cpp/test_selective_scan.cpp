@@ -31,10 +31,14 @@ struct Shape {
   }
 };
 
-// All inputs and outputs of one call, in double (converted to T for the kernels).
+// All inputs and outputs of one call, in double (converted to T for the kernels). With
+// rank > 0 the kernels take the low-rank delta (lowrank (B, K, R, L), proj (KD, R)), and delta
+// holds its projection (what naive() reads).
 struct Problem {
   Shape s;
   std::vector<double> u, delta, A, B, C, D, bias, dy;
+  int64_t rank = 0;
+  std::vector<double> lowrank, proj;
 };
 
 Problem make_problem(const Shape& s, uint32_t seed) {
@@ -59,6 +63,28 @@ Problem make_problem(const Shape& s, uint32_t seed) {
     for (int64_t i = 0; i < KD; ++i) p.D.push_back(normal(gen));
   if (s.with_bias)
     for (int64_t i = 0; i < KD; ++i) p.bias.push_back(0.3 * (s.softplus ? normal(gen) : uniform(gen)));
+  return p;
+}
+
+// p with a rank-R delta: lowrank, proj drawn positive (delta in (0, 0.5): bounded decays with
+// and without softplus), delta their projection.
+Problem with_low_rank(Problem p, int64_t R, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  const Shape& s = p.s;
+  const int64_t KD = s.channels(), L = s.length, Dg = s.per_group;
+  p.rank = R;
+  p.lowrank.clear();
+  p.proj.clear();
+  for (int64_t i = 0; i < s.batch * s.groups * R * L; ++i) p.lowrank.push_back(0.05 + 0.95 * uniform(gen));
+  for (int64_t i = 0; i < KD * R; ++i) p.proj.push_back(0.5 / R * uniform(gen));
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t d = 0; d < KD; ++d)
+      for (int64_t t = 0; t < L; ++t) {
+        double v = 0.0;
+        for (int64_t r = 0; r < R; ++r) v += p.proj[d * R + r] * p.lowrank[((b * s.groups + d / Dg) * R + r) * L + t];
+        p.delta[(b * KD + d) * L + t] = v;
+      }
   return p;
 }
 
@@ -129,24 +155,26 @@ template <typename T>
 Grads run_cpu(const Problem& p) {
   const Shape& s = p.s;
   const int64_t KD = s.channels(), L = s.length, N = s.dstate, Bn = s.batch, K = s.groups;
-  auto u = as<T>(p.u), delta = as<T>(p.delta), A = as<T>(p.A), B = as<T>(p.B),
-       C = as<T>(p.C), D = as<T>(p.D), bias = as<T>(p.bias), dy = as<T>(p.dy);
+  auto u = as<T>(p.u), delta = as<T>(p.rank ? p.lowrank : p.delta), A = as<T>(p.A), B = as<T>(p.B),
+       C = as<T>(p.C), D = as<T>(p.D), bias = as<T>(p.bias), dy = as<T>(p.dy), proj = as<T>(p.proj);
   const DType dt = dtype_of<T>();
-  const TensorView vu(u.data(), dt, {Bn, KD, L}), vdelta(delta.data(), dt, {Bn, KD, L}),
+  const TensorView vu(u.data(), dt, {Bn, KD, L}),
+      vdelta = p.rank ? TensorView(delta.data(), dt, {Bn, K, p.rank, L}) : TensorView(delta.data(), dt, {Bn, KD, L}),
       vA(A.data(), dt, {KD, N}), vB(B.data(), dt, {Bn, K, N, L}), vC(C.data(), dt, {Bn, K, N, L}),
       vdy(dy.data(), dt, {Bn, KD, L});
+  const TensorView vproj = p.rank ? TensorView(proj.data(), dt, {KD, p.rank}) : TensorView();
   const TensorView vD = s.with_D ? TensorView(D.data(), dt, {KD}) : TensorView();
   const TensorView vbias = s.with_bias ? TensorView(bias.data(), dt, {KD}) : TensorView();
   const T nan = std::nan("");
   std::vector<T> y(u.size(), nan), du(u.size(), nan), ddelta(u.size(), nan), dA(A.size(), nan),
       dB(B.size(), nan), dC(C.size(), nan), dD(KD, nan), dbias(KD, nan);
-  const auto params = selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, s.softplus);
-  selective_scan_fwd_cpu(params, vu, vdelta, vA, vB, vC, vD, vbias, TensorView(y.data(), dt, {Bn, KD, L}));
+  const auto params = selective_scan_params(vu, vdelta, vA, vB, vC, vD, vbias, s.softplus, vproj);
+  selective_scan_fwd_cpu(params, vu, vdelta, vA, vB, vC, vD, vbias, TensorView(y.data(), dt, {Bn, KD, L}), vproj);
   selective_scan_bwd_cpu(params, vu, vdelta, vA, vB, vC, vD, vbias, vdy,
                          TensorView(du.data(), dt, {Bn, KD, L}), TensorView(ddelta.data(), dt, {Bn, KD, L}),
                          TensorView(dA.data(), dt, {KD, N}), TensorView(dB.data(), dt, {Bn, K, N, L}),
                          TensorView(dC.data(), dt, {Bn, K, N, L}), TensorView(dD.data(), dt, {KD}),
-                         TensorView(dbias.data(), dt, {KD}));
+                         TensorView(dbias.data(), dt, {KD}), vproj);
   auto back = [](const std::vector<T>& v) { return std::vector<double>(v.begin(), v.end()); };
   return Grads{back(y), back(du), back(ddelta), back(dA), back(dB), back(dC), back(dD), back(dbias)};
 }
@@ -230,6 +258,37 @@ TEST(SelectiveScanCpu, MatchesNaiveLoopFloat) {
     const Problem p = make_problem(s, seed++);
     expect_grads(run_cpu<float>(p), naive(p), s, "float", 1e-4, 1e-5);
   }
+}
+
+// A low-rank delta (delta_proj) gives what its projection gives as a full delta: the contract's
+// loop on the projected delta, ddelta its gradient (R = 1, 3, 16; rows of 1-3 tiles, 8-lane
+// groups full and partial).
+TEST(SelectiveScanCpu, LowRankDeltaMatchesItsProjection) {
+  uint32_t seed = 300;
+  for (const Shape& s : kShapes) {
+    for (const int64_t R : {1, 3, 16}) {
+      const Problem p = with_low_rank(make_problem(s, seed), R, seed + 1);
+      seed += 2;
+      expect_grads(run_cpu<double>(p), naive(p), s, "double R=" + std::to_string(R), 1e-10, 1e-10);
+      expect_grads(run_cpu<float>(p), naive(p), s, "float R=" + std::to_string(R), 1e-4, 1e-5);
+    }
+  }
+}
+
+TEST(SelectiveScanCpu, LowRankDeltaShapesAreChecked) {
+  std::vector<float> buf(4096, 0.5f);
+  const TensorView u(buf.data(), DType::Float32, {1, 4, 8}), A(buf.data(), DType::Float32, {4, 1}),
+      B(buf.data(), DType::Float32, {1, 2, 1, 8}), low(buf.data(), DType::Float32, {1, 2, 3, 8}),
+      proj(buf.data(), DType::Float32, {4, 3});
+  const auto p = selective_scan_params(u, low, A, B, B, TensorView(), TensorView(), true, proj);
+  EXPECT_EQ(p.rank, 3);
+  const TensorView proj_bad(buf.data(), DType::Float32, {4, 2}), low_bad(buf.data(), DType::Float32, {1, 2, 3, 7}),
+      proj64(buf.data(), DType::Float64, {4, 3});
+  EXPECT_THROW(selective_scan_params(u, low, A, B, B, TensorView(), TensorView(), true, proj_bad), Error);
+  EXPECT_THROW(selective_scan_params(u, low_bad, A, B, B, TensorView(), TensorView(), true, proj), Error);
+  EXPECT_THROW(selective_scan_params(u, u, A, B, B, TensorView(), TensorView(), true, proj), Error);   // rank 3 delta
+  EXPECT_THROW(selective_scan_params(u, low, A, B, B, TensorView(), TensorView(), true, proj64), Error);
+  EXPECT_THROW(selective_scan_params(u, low, A, B, B, TensorView(), TensorView(), true), Error);  // no proj: 4-D delta
 }
 
 // The steps that pad a tile's last row vector (past L) must not reach the gradients: with a

@@ -14,7 +14,7 @@ from quadmamba.ops.reference import quad_merge_ref, quad_scan_ref
 REF = get_ops("reference")
 
 
-def _identity_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+def _identity_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, delta_proj=None):
     return u.clone()
 
 
@@ -188,9 +188,9 @@ def test_scan_runs_in_float32_under_autocast():
     torch.manual_seed(0)
     dtypes = []
 
-    def spy(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-        dtypes.extend(t.dtype for t in (u, delta, A, B, C, D, delta_bias))
-        return REF.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    def spy(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, delta_proj=None):
+        dtypes.extend(t.dtype for t in (u, delta, A, B, C, D, delta_bias, delta_proj))
+        return REF.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj=delta_proj)
 
     mixer = QuadSS2D(8, ops=dataclasses.replace(REF, selective_scan=spy))
     mixer.scan.fn = spy

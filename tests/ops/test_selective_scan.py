@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import quadmamba
 from quadmamba import _backend
 from quadmamba.ops import selective_scan
-from quadmamba.ops.reference import selective_scan_chunked_ref, selective_scan_ref
+from quadmamba.ops.reference import project_delta, selective_scan_chunked_ref, selective_scan_ref
 from cpu_paths import path_env
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -114,6 +114,106 @@ def test_forward_and_gradients_match_reference(case):
                 continue
             assert g.dtype == dtype, f"d{name} has dtype {g.dtype}"
             assert_close(g, gr, f"d{name}[{dtype}]", rtol=rtol, atol_scale=atol, extra=extra)
+
+
+# ---- low-rank delta (delta_proj) ------------------------------------------------------
+def make_low_rank(batch, groups, per_group, rank, length, dtype=torch.float64):
+    """A low-rank delta (B, K, R, L) and delta_proj (KD, R), both positive, whose projection
+    lies in (0, 0.5): bounded decays with and without softplus."""
+    low = torch.rand(batch, groups, rank, length, dtype=dtype) * 0.95 + 0.05
+    proj = torch.rand(groups * per_group, rank, dtype=dtype) * (0.5 / rank)
+    return low, proj
+
+
+# (L, N, K, B, D per group, R, params, softplus): rows of one to 17 tiles (the backward keeps
+# a_t, h_t up to 16), partial and full lane groups, R = 1 .. 16.
+LOW_RANK_CASES = [
+    (1, 1, 1, 1, 1, 1, "both", True),
+    (17, 4, 2, 3, 9, 3, "none", False),
+    (200, 1, 4, 2, 8, 16, "both", True),
+    (1100, 1, 2, 1, 5, 4, "bias", True),
+    (1024, 2, 1, 2, 16, 2, "D", False),
+]
+
+
+@pytest.mark.parametrize("case", LOW_RANK_CASES, ids=lambda c: "L{}-N{}-K{}-B{}-Dg{}-R{}-{}-{}".format(
+    *c[:7], "softplus" if c[7] else "linear"))
+def test_low_rank_delta_matches_its_projection(case):
+    """delta_proj: the op's y and every gradient (the low-rank delta's and delta_proj's
+    included) are those of the scan of project_delta(delta, delta_proj), float64 autograd."""
+    length, dstate, groups, batch, per_group, rank, params, softplus = case
+    seed = _seed()
+    u, _, A, B, C, D, bias = make_inputs(batch, groups, per_group, dstate, length, params, softplus)
+    low, proj = make_low_rank(batch, groups, per_group, rank, length)
+    inputs = [u, low, A, B, C, D, bias, proj]
+    grad_out = torch.randn(batch, groups * per_group, length, dtype=torch.float64)
+    scan = selective_scan_ref if length <= 512 else selective_scan_chunked_ref
+
+    def truth(u, low, A, B, C, D, bias, proj):
+        return scan(u, project_delta(low, proj), A, B, C, D, bias, delta_softplus=softplus)
+
+    y_ref, g_ref = _grads(truth, inputs, grad_out)
+    extra = f"(seed {seed}, case {case})"
+    names = NAMES + ("delta_proj",)
+    for dtype, rtol, atol in ((torch.float64, 1e-10, 1e-10), (torch.float32, 1e-4, 1e-5)):
+        cast = [None if t is None else t.to(dtype) for t in inputs]
+        y, grads = _grads(lambda *x: selective_scan(*x[:7], delta_softplus=softplus, delta_proj=x[7]), cast,
+                          grad_out.to(dtype))
+        assert_close(y, y_ref, f"y[{dtype}]", rtol=rtol, atol_scale=atol, extra=extra)
+        for name, g, gr, t in zip(names, grads, g_ref, cast):
+            if gr is None:
+                continue
+            assert g.dtype == t.dtype and g.shape == t.shape, f"d{name}: {g.dtype} {tuple(g.shape)}"
+            assert_close(g, gr, f"d{name}[{dtype}]", rtol=rtol, atol_scale=atol, extra=extra)
+    # The reference takes delta_proj too, as the same projection.
+    if length <= 512:
+        y_ref2 = selective_scan_ref(u, low, A, B, C, D, bias, delta_softplus=softplus, delta_proj=proj)
+        assert_close(y_ref2, y_ref, "selective_scan_ref(delta_proj)", rtol=1e-12, atol_scale=1e-12, extra=extra)
+
+
+def test_low_rank_delta_gradcheck_and_opcheck():
+    _seed()
+    u, _, A, B, C, D, bias = make_inputs(2, 2, 3, 2, 6, "both", True)
+    low, proj = make_low_rank(2, 2, 3, 2, 6)
+    inputs = [t.requires_grad_() for t in (u, low, A, B, C, D, bias, proj)]
+    assert torch.autograd.gradcheck(lambda *x: selective_scan(*x[:7], delta_proj=x[7]), inputs,
+                                    eps=1e-6, atol=1e-7, rtol=1e-6)
+    f32 = [t.detach().float().requires_grad_() for t in inputs]
+    torch.library.opcheck(torch.ops.quadmamba.selective_scan.default, f32[:7] + [True, False, f32[7]])
+    dy = torch.randn_like(f32[0])
+    bwd_args = (dy, *[t.detach() for t in f32[:7]], True, f32[7].detach())
+    grads = torch.ops.quadmamba.selective_scan_bwd(*bwd_args)
+    assert grads[1].shape == u.shape and grads[1].dtype == torch.float32   # ddelta of the projection
+    torch.library.opcheck(torch.ops.quadmamba.selective_scan_bwd.default, bwd_args)
+
+
+def test_low_rank_delta_flops():
+    batch, groups, per_group, dstate, length, rank = 2, 2, 3, 4, 10, 5
+    u, _, A, B, C, D, bias = make_inputs(batch, groups, per_group, dstate, length, "both", True, dtype=torch.float32)
+    low, proj = make_low_rank(batch, groups, per_group, rank, length, dtype=torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        selective_scan(u, low, A, B, C, D, bias, delta_proj=proj)
+    channels = groups * per_group
+    expected = 2 * (9 * batch * length * channels * dstate + batch * channels * length * (1 + rank))
+    assert counter.get_total_flops() == expected, f"{counter.get_total_flops()} != {expected}"
+
+
+def test_low_rank_delta_on_every_device(device):
+    """float32 on the device (CUDA projects before its kernels) against float64 autograd."""
+    seed = _seed()
+    batch, groups, per_group, dstate, length, rank = 2, 2, 8, 1, 1030, 4
+    u, _, A, B, C, D, bias = make_inputs(batch, groups, per_group, dstate, length, "both", True)
+    low, proj = make_low_rank(batch, groups, per_group, rank, length)
+    inputs = [u, low, A, B, C, D, bias, proj]
+    grad_out = torch.randn(batch, groups * per_group, length, dtype=torch.float64)
+    y64, g64 = _grads(lambda *x: selective_scan_chunked_ref(x[0], project_delta(x[1], x[7]), *x[2:7]),
+                      inputs, grad_out)
+    on_device = [t.float().to(device) for t in inputs]
+    y, grads = _grads(lambda *x: selective_scan(*x[:7], delta_proj=x[7]), on_device, grad_out.float().to(device))
+    extra = f"(seed {seed}, {device})"
+    assert_close(y, y64, "y", rtol=1e-4, atol_scale=1e-5, extra=extra)
+    for name, g, gr in zip(NAMES + ("delta_proj",), grads, g64):
+        assert_close(g, gr, f"d{name}", rtol=1e-4, atol_scale=1e-5, extra=extra)
 
 
 @pytest.mark.parametrize("length,chunk", [(1, 32), (33, 32), (300, 16)])
@@ -416,6 +516,16 @@ BAD_INPUTS = [
     ("D-shape", lambda x: x.update(D=x["D"][:4]), ValueError, "D must be"),
     ("bias-shape", lambda x: x.update(delta_bias=x["delta_bias"][None]), ValueError, "delta_bias must be"),
     ("C-device", lambda x: x.update(C=x["C"].to("meta")), ValueError, "C is on meta"),
+    ("proj-full-delta", lambda x: x.update(delta_proj=torch.ones(6, 3)), ValueError,
+     r"delta must be of shape \(B, K, R, L\) with delta_proj"),
+    ("proj-rows", lambda x: x.update(delta=torch.ones(2, 2, 3, 6), delta_proj=torch.ones(5, 3)), ValueError,
+     "delta_proj must be"),
+    ("proj-rank", lambda x: x.update(delta=torch.ones(2, 2, 3, 6), delta_proj=torch.ones(6, 2)), ValueError,
+     r"with delta_proj, delta must be \(B, K, R, L\)"),
+    ("proj-int", lambda x: x.update(delta=torch.ones(2, 2, 3, 6), delta_proj=torch.ones(6, 3, dtype=torch.long)),
+     TypeError, "delta_proj must be float32 or float64"),
+    ("proj-rank1-tensor", lambda x: x.update(delta=torch.ones(2, 2, 3, 6), delta_proj=torch.ones(6)), ValueError,
+     "delta_proj must be of shape"),
 ]
 
 
@@ -522,10 +632,11 @@ def test_other_cpu_kernels_match_reference(run_on_cpu_path, path):
         [sys.executable, "-c", "from quadmamba._backend import core; print(core().cpu_isa()['selective_scan'])"],
         env=path_env(path), capture_output=True, text=True)
     assert probe.stdout.strip() == expected, (probe.stdout, probe.stderr[-2000:])
-    selection = "match_reference and (L3- or L17- or L129- or L2049-) or softplus_threshold or gradcheck"
+    selection = ("match_reference and (L3- or L17- or L129- or L2049-) or softplus_threshold or gradcheck"
+                 " or low_rank_delta_matches")
     proc = run_on_cpu_path(__file__, selection, path)
     assert proc.returncode == 0, f"{path} kernels failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-    assert " passed" in proc.stdout and "7 passed" in proc.stdout, proc.stdout[-2000:]
+    assert " passed" in proc.stdout and "13 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_kernels_use_torchs_thread_count():

@@ -25,8 +25,20 @@
 // The backward recomputes h from the inputs (chunk by chunk); no per-step state
 // is stored anywhere.
 //
+// Low-rank delta (CPU; the models' delta is a rank-R projection): given delta_proj (KD, R),
+// delta is (B, K, R, L) and stands for
+//   delta_full[b,d,t] = sum_r delta_proj[d,r] delta[b,k,r,t]        (k = d / Dg, r in order)
+// everywhere above; the projection is formed tile by tile inside the kernels (the (B, KD, L)
+// tensor is never stored). The backward's ddelta is then the gradient of delta_full, (B, KD,
+// L); those of delta and delta_proj are two matrix products the caller forms:
+//   d delta[b,k,r,t] = sum_{d in k} delta_proj[d,r] ddelta[b,d,t]
+//   d delta_proj[d,r] = sum_{b,t} ddelta[b,d,t] delta[b,k,r,t]
+//
 // Arguments (all views contiguous, strides in elements, one device for all):
 //   u, delta          (B, KD, L)    float32 | float64 (CPU); float32 | float16 | bfloat16 (CUDA)
+//                                   (delta: (B, K, R, L) with delta_proj)
+//   delta_proj        (KD, R)       dtype of A, R >= 1, optional (CPU entry points only; the
+//                                   CUDA ones refuse it)
 //   A                 (KD, N)       float32 (float64 when u is float64)
 //   B, C              (B, K, N, L)  dtype of u
 //   Dskip, delta_bias (KD,)         dtype of A, optional (data == nullptr: absent)
@@ -74,27 +86,31 @@ struct SelectiveScanParams {
   int64_t groups = 0;    // K
   int64_t length = 0;    // L
   int64_t dstate = 0;    // N
+  int64_t rank = 0;      // R of a low-rank delta (delta_proj given), 0: delta is (B, KD, L)
   bool delta_softplus = true;
   void* stream = nullptr;  // cudaStream_t for the CUDA entry points
 };
 
 // Validates the forward arguments (shapes, dtypes, device, contiguity) and
-// returns the sizes. `compute` is the dtype A, Dskip, delta_bias must have.
+// returns the sizes. A, Dskip, delta_bias, delta_proj have float64 for float64 u, else float32.
 SelectiveScanParams selective_scan_params(const TensorView& u, const TensorView& delta,
                                           const TensorView& A, const TensorView& B,
                                           const TensorView& C, const TensorView& Dskip,
-                                          const TensorView& delta_bias, bool delta_softplus);
+                                          const TensorView& delta_bias, bool delta_softplus,
+                                          const TensorView& delta_proj = TensorView());
 
 // Checks that the tensors have the sizes recorded in p (every entry point below calls it:
 // p must come from selective_scan_params of the same tensors).
 void check_selective_scan_inputs(const SelectiveScanParams& p, const TensorView& u, const TensorView& delta,
                                  const TensorView& A, const TensorView& B, const TensorView& C,
-                                 const TensorView& Dskip, const TensorView& delta_bias);
+                                 const TensorView& Dskip, const TensorView& delta_bias,
+                                 const TensorView& delta_proj = TensorView());
 
 void selective_scan_fwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& delta, const TensorView& A, const TensorView& B,
                             const TensorView& C, const TensorView& Dskip,
-                            const TensorView& delta_bias, const TensorView& y);
+                            const TensorView& delta_bias, const TensorView& y,
+                            const TensorView& delta_proj = TensorView());
 
 void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& delta, const TensorView& A, const TensorView& B,
@@ -102,7 +118,7 @@ void selective_scan_bwd_cpu(const SelectiveScanParams& p, const TensorView& u,
                             const TensorView& delta_bias, const TensorView& dy,
                             const TensorView& du, const TensorView& ddelta, const TensorView& dA,
                             const TensorView& dB, const TensorView& dC, const TensorView& dDskip,
-                            const TensorView& ddelta_bias);
+                            const TensorView& ddelta_bias, const TensorView& delta_proj = TensorView());
 
 // The instruction set the CPU kernels above run with on this machine: "avx512" (AVX-512
 // F/VL/DQ/BW: the elementwise work on 16-float vectors), "avx2" (AVX2 + FMA) or "portable"

@@ -1,8 +1,8 @@
 """The table of scan ops a model runs on: the fused kernels or their plain-PyTorch references.
 
 Both sets have identical signatures (see quadmamba.ops.reference):
-    selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, out_dtype=None)
-                                                                    -> (B, K*D, L)
+    selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, out_dtype=None,
+                   delta_proj=None)                                 -> (B, K*D, L)
     quad_scan(x, decision, shift=(0, 0), order="quadtree")          -> (B, 2, D, L)
     quad_merge(ys, decision, size, shift=(0, 0), order="quadtree")  -> (B, D, H, W)
     cross_scan(x)                                                   -> (B, 4, D, L)

@@ -8,6 +8,7 @@ Scan core, direction k of K, token t:
     [dt_raw (R), B_k (N), C_k (N)] = x_proj_weight[k] @ x_t
     delta_raw = dt_proj_weight[k] @ dt_raw                          (D values)
     y = selective_scan(x, delta_raw, A = -exp(A_log), B, C, Ds, dt_bias, softplus)
+(the scan takes dt_raw and dt_proj_weight and forms delta_raw itself: delta_proj).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ COMPATS = ("paper", "official")
 class SelectiveScan(nn.Module):
     """The selective scan (no parameters) in float32, even under autocast; a float64 model on
     the CPU scans in float64 (the op's CPU kernels take it; CUDA scans in float32).
+    forward takes the op's tensors; delta_proj as (K*D, R) or (K, D, R).
 
     Holds the op so that hooks (FLOP counting) see each call with its shapes.
     """
@@ -37,18 +39,24 @@ class SelectiveScan(nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, u, delta, A, B, C, D, delta_bias):
+    def forward(self, u, delta, A, B, C, D, delta_bias, delta_proj=None):
         device = u.device.type
         if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
             with torch.autocast(device_type=device, enabled=False):
-                return self._scan(u, delta, A, B, C, D, delta_bias)
+                return self._scan(u, delta, A, B, C, D, delta_bias, delta_proj)
         # Without autocast no context at all: traced graphs (torch.export) stay flat, the
         # op a node of its own rather than inside an autocast region.
-        return self._scan(u, delta, A, B, C, D, delta_bias)
+        return self._scan(u, delta, A, B, C, D, delta_bias, delta_proj)
 
-    def _scan(self, u, *tensors):
+    def _scan(self, u, delta, A, B, C, D, delta_bias, delta_proj):
         dtype = torch.float64 if u.dtype == torch.float64 and u.device.type == "cpu" else torch.float32
-        return self.fn(*[t.to(dtype) for t in (u, *tensors)], delta_softplus=True)
+        u, delta, A, B, C, D, delta_bias = (t.to(dtype) for t in (u, delta, A, B, C, D, delta_bias))
+        if delta_proj is None:
+            return self.fn(u, delta, A, B, C, D, delta_bias, delta_softplus=True)
+        # (K, D, R) -> (K*D, R) here: a reshaped Parameter passed in would be a view made under
+        # no_grad, which module hooks (FlopCounterMode's tracker) cannot follow.
+        delta_proj = delta_proj.to(dtype).reshape(-1, delta_proj.shape[-1])
+        return self.fn(u, delta, A, B, C, D, delta_bias, delta_softplus=True, delta_proj=delta_proj)
 
 
 class _SSMBase(nn.Module):
@@ -101,15 +109,16 @@ class _SSMBase(nn.Module):
         """xs (B, K, D, L) -> ys (B, K, D, L) in xs's dtype; the scan itself runs in fp32 (fp64
         for a float64 model on the CPU)."""
         batch, k, inner, length = xs.shape
-        # Batched matmuls laid out so that every output is already (B, K, rows, L)
-        # contiguous: no permuted copies of xs or of the (B, K, D, L) deltas.
+        # A batched matmul laid out so that its output is already (B, K, rows, L): no permuted
+        # copy of xs. The scan projects dts (R rows) to the D deltas itself (delta_proj), so the
+        # (B, K, D, L) deltas are never stored.
         x_dbl = torch.matmul(self.x_proj_weight, xs)                      # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.matmul(self.dt_proj_weight, dts)                      # (B, K, D, L)
         ys = self.scan(
-            xs.reshape(batch, k * inner, length), dts.reshape(batch, k * inner, length),
+            xs.reshape(batch, k * inner, length), dts.contiguous(),
             -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
             Bs.contiguous(), Cs.contiguous(), self.Ds, self.dt_bias,
+            self.dt_proj_weight,                                           # (K, D, R)
         )
         return ys.view(batch, k, inner, length).to(xs.dtype)
 

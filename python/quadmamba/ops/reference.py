@@ -27,6 +27,7 @@ def selective_scan_ref(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
     out_dtype: torch.dtype | None = None,
+    delta_proj: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selective scan, one step at a time.
 
@@ -34,14 +35,17 @@ def selective_scan_ref(
         dl_t = softplus(delta[b, d, t] + delta_bias[d])      (softplus optional)
         h_t  = exp(dl_t * A[d, :]) * h_{t-1} + dl_t * B[b, k, :, t] * u[b, d, t]
         y_t  = <C[b, k, :, t], h_t> + D[d] * u[b, d, t]
+    With delta_proj, delta is low-rank and stands for project_delta(delta, delta_proj).
 
     Args:
-        u, delta: (B, K*D, L).
+        u: (B, K*D, L).
+        delta: (B, K*D, L), or (B, K, R, L) with delta_proj.
         A: (K*D, N), real.
         B, C: (B, K, N, L), shared by the K*D/K channels of their group.
         D, delta_bias: (K*D,) or None.
         delta_softplus: apply softplus to delta + delta_bias.
         out_dtype: y's dtype: None (u's dtype), u's dtype or torch.float32.
+        delta_proj: (K*D, R) or None.
 
     Returns:
         y (B, K*D, L) in u's dtype (or out_dtype); computed in float32 (float64 for float64 inputs).
@@ -49,6 +53,8 @@ def selective_scan_ref(
     dtype_out = scan_out_dtype("selective_scan_ref", u, out_dtype)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
+    if delta_proj is not None:
+        delta = project_delta(delta, delta_proj.to(compute))
     batch, channels, length = u.shape
     groups = B.shape[1]
     per_group = channels // groups
@@ -71,6 +77,14 @@ def selective_scan_ref(
     if D is not None:
         y = y + u * D.to(compute)[:, None]
     return y.to(dtype_out)
+
+
+def project_delta(delta: torch.Tensor, delta_proj: torch.Tensor) -> torch.Tensor:
+    """The full delta of a low-rank one: (B, K, R, L), (K*D, R) -> (B, K*D, L),
+        out[b, d, t] = sum_r delta_proj[d, r] * delta[b, k, r, t]      (k = d // (K*D / K)),
+    the projection the models apply to their R-dimensional delta (dt_proj)."""
+    batch, groups, rank, length = delta.shape
+    return torch.matmul(delta_proj.view(groups, -1, rank), delta).reshape(batch, -1, length)
 
 
 def scan_out_dtype(op: str, u: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
