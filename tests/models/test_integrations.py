@@ -374,6 +374,23 @@ def test_unwrap_checkpoint_prefers_ema_weights():
         unwrap_checkpoint([("w", torch.zeros(1))])
 
 
+def test_load_official_takes_state_dicts_of_wrapped_models():
+    """model.state_dict() of a DDP / DataParallel ("module.") or compiled ("_orig_mod.") model
+    loads as the model's own (in either layout); a prefix on only some keys is left alone."""
+    from quadmamba.models.convert import load_official, ours_to_official, strip_wrapper_prefixes
+
+    torch.manual_seed(0)
+    source, target = create_model("quadmamba_nano"), create_model("quadmamba_nano")
+    state = source.state_dict()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        for layout in (state, ours_to_official(state)):
+            wrapped = {prefix + k: v for k, v in layout.items()}
+            assert load_official(target, {"model": wrapped}).ok
+            assert all(torch.equal(v, target.state_dict()[k]) for k, v in state.items())
+    mixed = {"module.a": torch.zeros(1), "b": torch.zeros(1)}
+    assert strip_wrapper_prefixes(mixed) == mixed
+
+
 def test_register_timm_once(monkeypatch):
     registered = []
     timm = types.ModuleType("timm")

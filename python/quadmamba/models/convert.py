@@ -113,12 +113,32 @@ def checkpoint_entry(checkpoint: Mapping) -> Optional[str]:
 def unwrap_checkpoint(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     """The state dict inside a checkpoint, or the mapping itself: the EMA weights where there are
     some ("ema" of a ``quadmamba train`` checkpoint that kept an EMA, timm's "state_dict_ema" or
-    "model_ema"), else those under "model" or "state_dict"."""
+    "model_ema"), else those under "model" or "state_dict"; keys without the prefixes of
+    DDP / DataParallel ("module.") and torch.compile ("_orig_mod.") (strip_wrapper_prefixes)."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"checkpoint must be a mapping (a state dict or a dict holding one), "
                         f"got {type(checkpoint).__name__}")
     entry = checkpoint_entry(checkpoint)
-    return dict(checkpoint[entry] if entry is not None else checkpoint)
+    return strip_wrapper_prefixes(dict(checkpoint[entry] if entry is not None else checkpoint))
+
+
+# Prefixes a wrapper adds to every key of the model's state dict: DistributedDataParallel and
+# DataParallel ("module."), torch.compile's OptimizedModule ("_orig_mod.").
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict of a model saved inside wrappers (model.state_dict() of a DDP or a compiled
+    model), without the wrappers' prefixes: each is removed where every key has it, as often as it
+    repeats ("module._orig_mod." too); other state dicts are returned as they are."""
+    stripped = True
+    while stripped and state_dict:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                stripped = True
+    return state_dict
 
 
 def official_to_ours(state_dict: Mapping, keep_unknown: bool = False) -> Dict[str, torch.Tensor]:
