@@ -173,14 +173,39 @@ def test_pretrained_mismatches_name_the_keys(trained, tmp_path):
     assert text.startswith(f"quadmamba_nano: the pretrained weights ({tmp_path / 'bad.pth'}) do not fit the model")
     assert "missing in checkpoint (1): stages.1.blocks.0.norm2.bias" in text
     assert "stages.0.blocks.0.mixer.Ds (authors': layers.0.blocks.0.op.Ds) model (32,) vs checkpoint (3,)" in text
-    # the head is dropped for another num_classes, but no other key is: another width still fails
-    torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(ValueError, match=r"stem.conv1.weight .*model \(8, 1, 3, 3\) vs checkpoint \(8, 3, 3, 3\)"):
-        timm_create(in_chans=1, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")))
+    # a checkpoint's RGB stem does not load into a stem of another width than 3 / in_chans
+    wide = dict(state, **{"stem.conv1.weight": torch.ones(8, 5, 3, 3)})
+    torch.save(wide, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"stem.conv1.weight .*model \(8, 3, 3, 3\) vs checkpoint \(8, 5, 3, 3\)"):
+        timm_create(pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")))
     # a variant's checkpoint does not load into another
     torch.save(create_model("quadmamba_li", kernels="reference").state_dict(), tmp_path / "li.pth")
     with pytest.raises(ValueError, match="do not fit the model"):
         timm_create(pretrained_cfg_overlay=dict(file=str(tmp_path / "li.pth")))
+
+
+def test_pretrained_rgb_stem_adapted_to_other_in_chans(trained, tmp_path):
+    """As timm: in_chans=1 sums the RGB weights (a grey image gives what its RGB copy gave, both
+    key layouts), in_chans=6 repeats them at half weight (a 6-channel copy does too), in_chans=4
+    repeats R and scales by 3/4."""
+    model, _, _ = trained
+    rgb = model.stem.conv1.weight.detach()
+    grey = X[:, :1]
+    with torch.no_grad():
+        want = model(grey.expand(-1, 3, -1, -1))
+    for layout in (model.state_dict(), ours_to_official(model.state_dict())):
+        torch.save(layout, tmp_path / "rgb.pth")
+        one = timm_create(in_chans=1, pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth")))
+        assert torch.equal(one.stem.conv1.weight, rgb.sum(1, keepdim=True))
+        with torch.no_grad():
+            torch.testing.assert_close(one(grey), want, rtol=1e-5, atol=1e-5)
+    six = timm_create(in_chans=6, pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth")))
+    assert torch.equal(six.stem.conv1.weight, torch.cat([rgb, rgb], 1) * 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(six(grey.expand(-1, 6, -1, -1)), want, rtol=1e-5, atol=1e-5)
+    four = timm_create(in_chans=4, pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth")))
+    assert torch.equal(four.stem.conv1.weight, torch.cat([rgb, rgb[:, :1]], 1) * 0.75)
+    assert torch.equal(four.stem.conv1.bias, model.stem.conv1.bias)
 
 
 def test_pretrained_safetensors_and_local_dir(trained, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import math
 import os
 from typing import Dict, Mapping, Optional, Sequence
 
@@ -36,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from quadmamba.models.config import NUM_STAGES, get_config, list_models
-from quadmamba.models.convert import load_official
+from quadmamba.models.convert import load_official, official_to_ours
 from quadmamba.models.quadmamba import QuadMamba, create_model
 
 _logger = logging.getLogger(__name__)
@@ -140,8 +141,11 @@ def _load_pretrained(name: str, model: QuadMamba, cfg: dict, num_classes_given: 
     weights where it has some; the parts the model lacks (a classifier's head in a backbone or a
     model with num_classes=0, pruned stages) are left out, and a classifier Linear of another
     num_classes than the checkpoint's keeps its initialisation, as in timm. Anything else that
-    does not match raises ValueError naming the keys."""
+    does not match raises ValueError naming the keys. A model with other image channels than the
+    checkpoint's RGB stem gets that stem adapted, as timm does (_adapt_input_conv)."""
     state, where = _read_weights(name, cfg)
+    adapted = _adapt_input_conv(name, model, official_to_ours(state, keep_unknown=True))
+    state = state if adapted is None else adapted
     try:
         report = load_official(model, state, strict=True, reset_head=True)
     except ValueError as exc:
@@ -151,6 +155,24 @@ def _load_pretrained(name: str, model: QuadMamba, cfg: dict, num_classes_given: 
                         "checkpoint's; %s. Pass the checkpoint's num_classes to load its classifier",
                         name, report.initialised["head.fc.weight"])
     _logger.info("%s: loaded pretrained weights (%s)\n%s", name, where, report)
+
+
+def _adapt_input_conv(name: str, model: QuadMamba, state: Dict[str, torch.Tensor]) -> Optional[dict]:
+    """state (this package's layout) with its first convolution's RGB weights (C, 3, k, k)
+    adapted to the model's in_chans, as timm's adapt_input_conv: one channel takes their sum (a
+    grey image then gives what its RGB copy gave); c > 3 channels (or 2) repeat R, G, B
+    cyclically, scaled by 3 / c (for c a multiple of 3, a c-channel copy of a grey image gives
+    what its RGB copy gave). None where there is nothing to adapt."""
+    key = "stem.conv1.weight"
+    weight, in_chans = state.get(key), model.config.in_chans
+    if weight is None or weight.dim() != 4 or weight.shape[1] != 3 or in_chans == 3:
+        return None
+    if in_chans == 1:
+        adapted = weight.sum(dim=1, keepdim=True)
+    else:
+        adapted = weight.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+    _logger.info("%s: %s adapted from the checkpoint's 3 image channels to in_chans=%d", name, key, in_chans)
+    return dict(state, **{key: adapted})
 
 
 def _read_weights(name: str, cfg: dict):
