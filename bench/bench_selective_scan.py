@@ -23,8 +23,13 @@ and the kernels alone (the core's entry points on preallocated outputs, ns per e
 each in a child process (the copy is chosen once per process, by the environment), the
 children run in turns for several rounds, best time per copy; ratios to the native copy.
 
+With --low-rank: the op with a low-rank delta (delta_proj, the models' dt_proj formed in the
+kernels) against the composition the models used before, project_delta (a batched matmul) and
+then the scan, at three model shapes, fwd and fwd+bwd.
+
 Usage: PYTHONPATH=python python bench/bench_selective_scan.py [--device cpu|cuda] [--quick] [--indexed-loop]
        PYTHONPATH=python python bench/bench_selective_scan.py --compare-isa [--rounds 3] [--threads 1]
+       PYTHONPATH=python python bench/bench_selective_scan.py --low-rank
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import copy_bandwidth, environment, time_fn  # noqa: E402
 
 from quadmamba.ops import selective_scan  # noqa: E402
-from quadmamba.ops.reference import selective_scan_chunked_ref, selective_scan_ref  # noqa: E402
+from quadmamba.ops.reference import project_delta, selective_scan_chunked_ref, selective_scan_ref  # noqa: E402
 
 # (label, B, K, KD, L, N)
 SHAPES = [
@@ -212,6 +217,37 @@ def compare_isa(args, reps, min_seconds):
         print(f"| {shape} | " + " | ".join(cells) + " |", flush=True)
 
 
+# Model shapes of the low-rank delta (label, B, K, KD, L, R): the scan's own projection
+# (delta_proj) against the models' former composition, a batched matmul and the scan.
+LOW_RANK_SHAPES = [
+    ("T stage0", 16, 2, 128, 3136, 4),
+    ("T stage1", 16, 2, 256, 784, 8),
+    ("S stage2", 8, 4, 3072, 196, 24),
+]
+
+
+def low_rank_times(device, reps, min_seconds):
+    """Print fwd and fwd+bwd ms of selective_scan(..., delta_proj=W) on a low-rank delta and of
+    selective_scan(project_delta(delta, W)) (a matmul, then the scan), side by side."""
+    print("low-rank delta (N = 1): the scan forming delta_proj @ delta itself, against a batched matmul "
+          "and the scan; ms, and the composition's time / the fused op's\n")
+    header = "| shape | B | KD | L | R | fused fwd | matmul + scan fwd | x | fused fwd+bwd | matmul + scan fwd+bwd | x |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for label, batch, groups, channels, length, rank in LOW_RANK_SHAPES:
+        u, _, A, B, C, D, bias = make_inputs(batch, groups, channels, length, 1, device)
+        low = torch.rand(batch, groups, rank, length, device=device) - 0.5
+        proj = torch.randn(channels, rank, device=device) * rank ** -0.5
+        inputs = [u, low, A, B, C, D, bias, proj]
+        fused = lambda *x: selective_scan(*x[:7], delta_proj=x[7])  # noqa: E731
+        composed = lambda *x: selective_scan(x[0], project_delta(x[1], x[7]), *x[2:7])  # noqa: E731
+        torch.testing.assert_close(fused(*inputs), composed(*inputs), rtol=1e-4, atol=1e-4)
+        f_f, f_fb = fwd_bwd_times(fused, inputs, device, reps, min_seconds)
+        c_f, c_fb = fwd_bwd_times(composed, inputs, device, reps, min_seconds)
+        print(f"| {label} | {batch} | {channels} | {length} | {rank} | {f_f * 1e3:.2f} | {c_f * 1e3:.2f} "
+              f"| {c_f / f_f:.2f} | {f_fb * 1e3:.2f} | {c_fb * 1e3:.2f} | {c_fb / f_fb:.2f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -222,6 +258,8 @@ def main():
                         help="also time indexed_loop (slow: about 10 minutes on 2 cores)")
     parser.add_argument("--compare-isa", action="store_true",
                         help="time the op on each CPU kernel copy (native, AVX2, portable) side by side")
+    parser.add_argument("--low-rank", action="store_true",
+                        help="time the low-rank delta (delta_proj) against a matmul and the scan")
     parser.add_argument("--rounds", type=int, default=3, help="--compare-isa: rounds of the child processes")
     parser.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's)")
     parser.add_argument("--child-times", action="store_true", help=argparse.SUPPRESS)
@@ -250,6 +288,9 @@ def main():
         return
 
     print(environment())
+    if args.low_rank:
+        low_rank_times(device, reps, min_seconds)
+        return
     check_baselines(device)
     bandwidth = copy_bandwidth(device)
     print(f"{device.type} copy bandwidth (read + write): {bandwidth:.1f} GB/s")
