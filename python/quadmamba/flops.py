@@ -25,19 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from quadmamba.layers.common import GlobalAvgPool
 from quadmamba.layers.mixers import SelectiveScan
 from quadmamba.models.quadmamba import QuadMamba
+from quadmamba.ops.selective_scan import selective_scan_flops
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (all, trainable or not)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def scan_flops(u: torch.Tensor, A: torch.Tensor, with_skip: bool = True, rank: int = 0) -> int:
-    """Authors' count for one scan call: 9*B*L*(K*D)*N (+ B*(K*D)*L for the D skip), plus
-    B*(K*D)*L*R for a low-rank delta's projection (the dt_proj matmul, rank R)."""
-    batch, channels, length = u.shape
-    flops = 9 * batch * length * channels * A.shape[1] + batch * channels * length * rank
-    return flops + (batch * channels * length if with_skip else 0)
 
 
 def _shape_only_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, delta_proj=None):
@@ -74,10 +67,10 @@ def count_flops(model: nn.Module, img_size=224, batch_size: int = 1, in_chans: O
     meta = _meta_copy(model).eval()
     extra = []
 
-    def on_scan(module, args, output):
+    def on_scan(module, args, output):   # SelectiveScan(u, delta, A, B, C, D, delta_bias[, delta_proj])
         proj = args[7] if len(args) > 7 else None
-        extra.append(scan_flops(args[0], args[2], with_skip=args[5] is not None,
-                                rank=0 if proj is None else proj.shape[-1]))
+        rank = 0 if proj is None else proj.shape[-1]
+        extra.append(selective_scan_flops(*args[0].shape, args[2].shape[1], rank, with_skip=args[5] is not None))
 
     def on_norm(module, args, output):
         extra.append(5 * args[0].numel())

@@ -83,9 +83,12 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t chunk = std::max(grain, (n + threads - 1) / threads);
   std::exception_ptr error;
   std::mutex error_mutex;
-  auto run = [&](int64_t lo, int64_t hi) {
+  const int64_t chunks = (n + chunk - 1) / chunk;  // non-empty chunks, at most `threads`
+  // Chunk t: [begin + t * chunk, min(end, begin + (t + 1) * chunk)).
+  auto run = [&](int64_t t) {
+    const int64_t lo = begin + t * chunk;
     try {
-      f(lo, hi);
+      f(lo, std::min(end, lo + chunk));
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();
@@ -94,19 +97,17 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   // Chunk 0 runs on the calling thread, the others on workers; a worker that cannot be started
   // (a thread or memory limit) leaves its chunk and the later ones to the calling thread.
   std::vector<std::thread> workers;
-  workers.reserve(static_cast<size_t>(threads));   // (a failure here starts nothing and propagates)
+  workers.reserve(static_cast<size_t>(chunks));   // (a failure here starts nothing and propagates)
   int64_t started = 1;
-  for (; started < threads && begin + started * chunk < end; ++started) {
-    const int64_t lo = begin + started * chunk;
+  for (; started < chunks; ++started) {
     try {
-      workers.emplace_back(run, lo, std::min(end, lo + chunk));
+      workers.emplace_back(run, started);
     } catch (...) {
       break;
     }
   }
-  run(begin, std::min(end, begin + chunk));
-  for (int64_t t = started; t < threads && begin + t * chunk < end; ++t)
-    run(begin + t * chunk, std::min(end, begin + (t + 1) * chunk));
+  run(0);
+  for (int64_t t = started; t < chunks; ++t) run(t);
   for (auto& w : workers) w.join();
   if (error) std::rethrow_exception(error);
 #endif

@@ -150,9 +150,10 @@ def selective_scan(
     _validate(u, delta, A, B, C, D, delta_bias, delta_proj)
     _backend.reject_forward_ad("selective_scan", u, delta, A, B, C, D, delta_bias, delta_proj)
     out_float32 = _out_float32(u, out_dtype)
-    contiguous = [None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, delta_bias)]
-    proj = None if delta_proj is None else delta_proj.contiguous()
-    return torch.ops.quadmamba.selective_scan(*contiguous, bool(delta_softplus), out_float32, proj)
+    u, delta, A, B, C, D, delta_bias, delta_proj = (
+        None if t is None else t.contiguous() for t in (u, delta, A, B, C, D, delta_bias, delta_proj))
+    return torch.ops.quadmamba.selective_scan(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_float32,
+                                              delta_proj)
 
 
 def _out_float32(u: torch.Tensor, out_dtype) -> bool:
@@ -316,7 +317,7 @@ def _ddelta_meta(u: torch.Tensor, delta: torch.Tensor, delta_proj: Optional[torc
     _backward forms the gradients of delta and delta_proj."""
     if delta_proj is None:
         return delta.shape, delta.dtype
-    return u.shape, torch.float64 if u.dtype == torch.float64 else torch.float32
+    return u.shape, _compute_dtype(u)
 
 
 @_selective_scan_bwd_op.register_fake
@@ -362,11 +363,12 @@ def _backward(ctx, dy):
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def selective_scan_flops(batch: int, channels: int, length: int, dstate: int, rank: int = 0) -> int:
+def selective_scan_flops(batch: int, channels: int, length: int, dstate: int, rank: int = 0,
+                         with_skip: bool = True) -> int:
     """Forward FLOPs of one call, fvcore / paper convention (one per multiply-add):
-    9 * B * L * KD * N for the scan plus B * KD * L for the skip term, plus B * KD * L * R for
-    a low-rank delta's projection (delta_proj of rank R)."""
-    return 9 * batch * length * channels * dstate + batch * channels * length * (1 + rank)
+    9 * B * L * KD * N for the scan plus B * KD * L for the skip term (with_skip), plus
+    B * KD * L * R for a low-rank delta's projection (delta_proj of rank R)."""
+    return 9 * batch * length * channels * dstate + batch * channels * length * (rank + int(with_skip))
 
 
 def _rank(delta_shape, delta_proj_shape) -> int:
