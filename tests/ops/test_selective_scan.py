@@ -187,6 +187,16 @@ def test_low_rank_delta_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.quadmamba.selective_scan_bwd.default, bwd_args)
 
 
+def test_project_delta_rejects_mismatched_shapes():
+    low, proj = make_low_rank(2, 2, 3, 4, 5)
+    assert project_delta(low, proj).shape == (2, 6, 5)
+    for bad_low, bad_proj, match in ((low[0], proj, "must be \\(B, K, R, L\\)"),
+                                     (low, proj[:, :3], "R = 4"),
+                                     (low, proj[:5], "K = 2 dividing")):
+        with pytest.raises(ValueError, match=match):
+            project_delta(bad_low, bad_proj)
+
+
 def test_low_rank_delta_flops():
     batch, groups, per_group, dstate, length, rank = 2, 2, 3, 4, 10, 5
     u, _, A, B, C, D, bias = make_inputs(batch, groups, per_group, dstate, length, "both", True, dtype=torch.float32)

@@ -83,8 +83,14 @@ def project_delta(delta: torch.Tensor, delta_proj: torch.Tensor) -> torch.Tensor
     """The full delta of a low-rank one: (B, K, R, L), (K*D, R) -> (B, K*D, L),
         out[b, d, t] = sum_r delta_proj[d, r] * delta[b, k, r, t]      (k = d // (K*D / K)),
     the projection the models apply to their R-dimensional delta (dt_proj)."""
+    if delta.dim() != 4 or delta_proj.dim() != 2:
+        raise ValueError(f"project_delta: delta must be (B, K, R, L) and delta_proj (K*D, R), got shapes "
+                         f"{tuple(delta.shape)} and {tuple(delta_proj.shape)}")
     batch, groups, rank, length = delta.shape
-    return torch.matmul(delta_proj.view(groups, -1, rank), delta).reshape(batch, -1, length)
+    if delta_proj.shape[1] != rank or groups < 1 or delta_proj.shape[0] % groups:
+        raise ValueError(f"project_delta: delta_proj must be (K*D, R) with R = {rank} and K = {groups} dividing "
+                         f"its rows, got shape {tuple(delta_proj.shape)}")
+    return torch.matmul(delta_proj.reshape(groups, -1, rank), delta).reshape(batch, -1, length)
 
 
 def scan_out_dtype(op: str, u: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
