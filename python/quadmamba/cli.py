@@ -65,7 +65,8 @@ def _add_train_options(p: argparse.ArgumentParser, *, ablation: bool) -> None:
                                   "sub-folders); default (or 'digits' where no such folder exists): "
                                   "scikit-learn's bundled digits")
     p.add_argument("--epochs", type=_positive_int, help="epochs (default 20)")
-    p.add_argument("--batch-size", type=_positive_int, help="batch size (default 64)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="batch size (default 64); under torchrun the global batch, split across the processes")
     p.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 2e-3)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up, in epochs (default 1; at most half the run)")
@@ -88,6 +89,17 @@ def _add_train_options(p: argparse.ArgumentParser, *, ablation: bool) -> None:
     p.add_argument("--train-limit", type=_non_negative_int, help="use only the first N training images (quick runs)")
     p.add_argument("--test-limit", type=_non_negative_int, help="use only the first N held-out images (quick runs)")
     p.add_argument("--workers", type=_non_negative_int, help="data-loading processes (default 0)")
+    p.add_argument("--aug", choices=("basic", "imagenet"),
+                   help="basic (default): images resized to the input size, batches shifted (and flipped for "
+                        "folders); imagenet: random resized crop, flip, RandAugment rand-m9-mstd0.5-inc1 and "
+                        "random erasing 0.25 per image, held-out images resized to size/0.875 and centre-cropped")
+    p.add_argument("--mixup", type=float, help="mixup alpha, 0 = off (default 0; the paper: 0.8)")
+    p.add_argument("--cutmix", type=float, help="CutMix alpha, 0 = off (default 0; the paper: 1.0); with both, "
+                                                "each batch takes one of the two at even odds")
+    p.add_argument("--recipe", choices=("paper",),
+                   help="paper: the ImageNet recipe of the paper as defaults (300 epochs, 20 warm-up, AdamW lr "
+                        "1e-3 per 1024 images of --batch-size, weight decay 0.05, --aug imagenet, mixup 0.8, "
+                        "cutmix 1.0, label smoothing 0.1, EMA 0.9999, gradient clip 5); other options override")
     p.add_argument("--output", "-o", default=None,
                    help=f"run directory (default {DEFAULT_OUTPUT}{'-ablation' if ablation else ''})")
     p.add_argument("--force", action="store_true", help="overwrite a previous run in --output")
@@ -102,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier; writes checkpoint.pt, metrics.csv, curves.png",
                        description="Train a QuadMamba classifier. With no arguments: quadmamba_nano on "
                                    "scikit-learn's digits (8x8 upscaled to 32x32, 1 channel, stratified "
-                                   "20% held out with seed 0) on the CPU.")
+                                   "20% held out with seed 0) on the CPU. Data-parallel on several "
+                                   "processes: torchrun --nproc-per-node N -m quadmamba train ...")
     _add_train_options(p, ablation=False)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last completed epoch")
@@ -166,7 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 _TRAIN_KEYS = ("model", "data", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                "label_smoothing", "drop_path", "clip_grad", "ema_decay", "img_size", "device", "amp",
-               "seed", "kernels", "quad_scan", "val_fraction", "train_limit", "test_limit", "workers")
+               "seed", "kernels", "quad_scan", "val_fraction", "train_limit", "test_limit", "workers",
+               "aug", "mixup", "cutmix")
+
+# --recipe paper: the paper's ImageNet recipe (DeiT's), as defaults under the explicit options;
+# the learning rate is PAPER_LR per PAPER_LR_BATCH images of the global batch.
+PAPER_RECIPE = dict(epochs=300, warmup_epochs=20.0, weight_decay=0.05, aug="imagenet", mixup=0.8, cutmix=1.0,
+                    label_smoothing=0.1, ema_decay=0.9999, clip_grad=5.0)
+PAPER_LR, PAPER_LR_BATCH = 1e-3, 1024
 
 
 def _explicit(args) -> dict:
@@ -179,6 +199,9 @@ def _train_config(args, **fixed):
 
     given = _explicit(args)
     given.update(fixed)
+    if getattr(args, "recipe", None) == "paper":
+        batch = given.get("batch_size", TrainConfig.batch_size)
+        given = {**PAPER_RECIPE, "lr": PAPER_LR * batch / PAPER_LR_BATCH, **given}
     if "model" in given:
         _check_model(given["model"])
     data = _data_source(given.get("data"))
@@ -214,7 +237,7 @@ def cmd_train(args) -> int:
     from quadmamba.train import run_training
 
     if args.resume:
-        extra = sorted(set(_explicit(args)) - {"device"})
+        extra = sorted(set(_explicit(args)) - {"device"}) + (["recipe"] if args.recipe else [])
         if extra:
             raise CommandError("--resume continues with the checkpoint's settings; drop "
                                + ", ".join("--" + k.replace("_", "-") for k in extra))
@@ -230,8 +253,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_ablation(args) -> int:
+    from quadmamba.distributed import launched_group
     from quadmamba.train import CHECKPOINT_NAME, run_training
 
+    main = launched_group().main
     output = args.output or DEFAULT_OUTPUT + "-ablation"
     results = {}
     configs = {scan: _train_config(args, quad_scan=scan) for scan in ("quadtree", "raster")}
@@ -240,8 +265,11 @@ def cmd_ablation(args) -> int:
         raise CommandError(f"{output} already holds an ablation run ({', '.join(done)}); "
                            "pass --force to start over, or another --output")
     for scan, cfg in configs.items():
-        print(f"== {scan} scan ==")
+        if main:
+            print(f"== {scan} scan ==")
         results[scan] = run_training(cfg, os.path.join(output, scan), force=args.force)
+    if not main:   # under torchrun process 0 reports
+        return 0
     cfg = configs["quadtree"]
     print(f"\nablation: {cfg.model}, {cfg.epochs} epochs, seed {cfg.seed}, held-out top-1")
     print(f"{'scan':<10} {'accuracy':>9} {'correct':>9} {'seconds':>8}")
@@ -263,6 +291,7 @@ def _check_png_output(path: str) -> None:
 
 
 def cmd_eval(args) -> int:
+    from quadmamba.distributed import launched_group
     from quadmamba.train import evaluate_checkpoint, plot_confusion
 
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "confusion.png")
@@ -271,6 +300,8 @@ def cmd_eval(args) -> int:
         _check_model(args.model)
     r = evaluate_checkpoint(args.checkpoint, _data_source(args.data), device=args.device, kernels=args.kernels,
                             batch_size=args.batch_size, test_limit=args.test_limit, expect_model=args.model)
+    if not launched_group().main:   # under torchrun process 0 reports the group's result
+        return 0
     plot_confusion(output, r["confusion"], r["classes"],
                    f"{r['model']}: top-1 {100 * r['top1']:.2f}% on {r['count']} images")
     print(f"top-1 {100 * r['top1']:.2f}% ({r['correct']}/{r['count']})  top-5 {100 * r['top5']:.2f}%  "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 DIGITS = "digits"
 MIN_IMG_SIZE = 32
 IMG_SIZE_MULTIPLE = 32
+# Training augmentations: "basic" (shift + flip of whole batches, images resized to S x S) and
+# "imagenet" (the DeiT pipeline of quadmamba.augment, held-out images centre-cropped).
+AUGS = ("basic", "imagenet")
+IMAGENET_AUG = "imagenet"
+IMAGENET_EVAL_CROP = 0.875
 # ImageNet statistics for photo folders (RGB); grey folders use their mean.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +49,9 @@ class DataSpec:
         mean, std: per-channel normalisation of [0, 1] pixel values.
         classes: class names, index = label.
         seed, val_fraction: the held-out split (digits, or folders without train/ and val/).
+        eval_crop: how held-out images become S x S: 0 resizes the whole image to S x S; a
+            fraction c in (0, 1] resizes the shorter side to floor(S / c) and takes the
+            central S x S (the ImageNet evaluation, c = 0.875; training with ``--aug imagenet``).
     """
 
     source: str
@@ -54,6 +62,7 @@ class DataSpec:
     classes: List[str] = field(default_factory=list)
     seed: int = 0
     val_fraction: float = 0.2
+    eval_crop: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +136,21 @@ def digits_datasets(img_size: int = 32, seed: int = 0, val_fraction: float = 0.2
     train = TensorImages(images[train_idx], labels[train_idx])
     test = TensorImages(images[test_idx], labels[test_idx])
     return train, test, spec
+
+
+def open_image(path: str, in_chans: int):
+    """A file -> a decoded PIL image of mode "L" (in_chans 1) or "RGB" (3), 8 bits per channel."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return _to_8bit(img).convert("L" if in_chans == 1 else "RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"expected an image file, got a directory: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"not a readable image: {path} ({type(exc).__name__})") from None
 
 
 def load_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
@@ -207,21 +231,29 @@ def scan_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
 
 
 class FolderImages(Dataset):
-    """Images read from disk on access: samples [(path, label)], resized and normalised."""
+    """Images read from disk on access: samples [(path, label)], resized to S x S and
+    normalised, or, with ``transform``, the decoded PIL image (mode "L" or "RGB") passed
+    through it (a callable returning the normalised (C, S, S) tensor, e.g. the ImageNet
+    pipelines of quadmamba.augment)."""
 
     def __init__(self, samples: Sequence[Tuple[str, int]], img_size: int, in_chans: int,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float],
+                 transform: Optional[Callable[[object], torch.Tensor]] = None):
         self.samples = list(samples)
         self.img_size, self.in_chans = img_size, in_chans
         self.mean, self.std = tuple(mean), tuple(std)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        image = load_image(path, self.img_size, self.in_chans)
-        return normalize(image[None], self.mean, self.std)[0], torch.tensor(label, dtype=torch.long)
+        if self.transform is not None:
+            image = self.transform(open_image(path, self.in_chans))
+        else:
+            image = normalize(load_image(path, self.img_size, self.in_chans)[None], self.mean, self.std)[0]
+        return image, torch.tensor(label, dtype=torch.long)
 
 
 def folder_stats(in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -231,13 +263,18 @@ def folder_stats(in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
 
 
 def folder_datasets(root: str, img_size: int = 224, in_chans: int = 3, seed: int = 0,
-                    val_fraction: float = 0.2):
+                    val_fraction: float = 0.2, aug: str = "basic", eval_crop: float = 0.0):
     """(train, val, DataSpec) of an ImageFolder directory.
 
     With ``root/train`` and ``root/val`` sub-folders those are the splits (same class names
     required); otherwise the class folders are split stratified (``val_fraction``, seeded).
+    ``aug`` "basic": both splits resized to S x S (the batch augmentation is ``augment``);
+    "imagenet": training images through quadmamba.augment.TrainTransform (random resized
+    crop, flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25), held-out ones
+    resized and centre-cropped (``eval_crop``, 0.875 when 0).
     """
     check_img_size(img_size)
+    check_aug(aug)
     mean, std = folder_stats(in_chans)
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
     if os.path.isdir(train_dir) and os.path.isdir(val_dir):
@@ -256,19 +293,43 @@ def folder_datasets(root: str, img_size: int = 224, in_chans: int = 3, seed: int
         val_samples = [samples[i] for i in val_idx]
     if len(classes) < 2:
         raise DataError(f"data folder {root} has {len(classes)} class; a classifier needs at least 2")
-    spec = DataSpec(os.path.abspath(root), img_size, in_chans, mean, std, classes, seed, val_fraction)
-    return (FolderImages(train_samples, img_size, in_chans, mean, std),
-            FolderImages(val_samples, img_size, in_chans, mean, std), spec)
+    train_transform = None
+    if aug == IMAGENET_AUG:
+        from quadmamba.augment import RandAugment, TrainTransform
+
+        eval_crop = eval_crop or IMAGENET_EVAL_CROP
+        train_transform = TrainTransform(img_size, in_chans, mean, std, RandAugment(2, 9, 0.5), reprob=0.25)
+    spec = DataSpec(os.path.abspath(root), img_size, in_chans, mean, std, classes, seed, val_fraction, eval_crop)
+    return (FolderImages(train_samples, img_size, in_chans, mean, std, train_transform),
+            FolderImages(val_samples, img_size, in_chans, mean, std, eval_transform(spec)), spec)
+
+
+def check_aug(aug: str) -> str:
+    if aug not in AUGS:
+        raise DataError(f"--aug must be one of {', '.join(AUGS)}, got {aug!r}")
+    return aug
+
+
+def eval_transform(spec: DataSpec):
+    """The held-out pipeline a DataSpec asks for: None (resize to S x S) or a centre crop."""
+    if not spec.eval_crop:
+        return None
+    from quadmamba.augment import EvalTransform
+
+    return EvalTransform(spec.img_size, spec.in_chans, spec.mean, spec.std, spec.eval_crop)
 
 
 def build_datasets(source: Optional[str], img_size: int, in_chans: Optional[int], seed: int,
-                   val_fraction: float = 0.2):
-    """(train, held-out, DataSpec) for "digits"/None or a folder path."""
+                   val_fraction: float = 0.2, aug: str = "basic"):
+    """(train, held-out, DataSpec) for "digits"/None or a folder path (``aug``: see folder_datasets)."""
+    check_aug(aug)
     if source in (None, DIGITS):
         if in_chans not in (None, 1):
             raise DataError("the digits are grey: they train with 1 input channel")
+        if aug != "basic":
+            raise DataError(f"--aug {aug} crops photos; the digits (8x8 pixels) train with --aug basic")
         return digits_datasets(img_size, seed, val_fraction)
-    return folder_datasets(source, img_size, 3 if in_chans is None else in_chans, seed, val_fraction)
+    return folder_datasets(source, img_size, 3 if in_chans is None else in_chans, seed, val_fraction, aug)
 
 
 def datasets_for_spec(spec: DataSpec, source: Optional[str] = None):
@@ -289,8 +350,9 @@ def datasets_for_spec(spec: DataSpec, source: Optional[str] = None):
     elif not (os.path.isdir(os.path.join(source, "train")) and os.path.isdir(os.path.join(source, "val"))):
         classes, samples = scan_folder(source)                # test data: every image
         _check_classes(spec, source, classes)
-        return None, FolderImages(samples, spec.img_size, spec.in_chans, spec.mean, spec.std)
-    train, test, new = folder_datasets(source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction)
+        return None, FolderImages(samples, spec.img_size, spec.in_chans, spec.mean, spec.std, eval_transform(spec))
+    train, test, new = folder_datasets(source, spec.img_size, spec.in_chans, spec.seed, spec.val_fraction,
+                                       eval_crop=spec.eval_crop)
     _check_classes(spec, source, new.classes)
     return train, test
 

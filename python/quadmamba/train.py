@@ -1,15 +1,20 @@
 """Training and evaluation loops, checkpoints, metrics CSV and curves.
 
-Recipe (the paper's DeiT-style recipe where it makes sense at small scale): AdamW with no
-weight decay for the model's no_weight_decay() parameters, norms and biases; per-step
-linear warm-up then cosine decay to ``min_lr``; label smoothing; drop path; gradient-norm
-clipping; optional EMA of the weights. Not used: mixup, cutmix, RandAugment and random
-erasing (built for ImageNet-scale training, they slow convergence on tiny data sets).
+Recipe (the paper's DeiT-style recipe): AdamW with no weight decay for the model's
+no_weight_decay() parameters, norms and biases; per-step linear warm-up then cosine decay to
+``min_lr``; label smoothing; drop path; gradient-norm clipping; optional EMA of the weights.
+The ImageNet augmentations are options (``aug="imagenet"``: random resized crop, flip,
+RandAugment, random erasing; ``mixup`` / ``cutmix`` alphas; quadmamba.augment), off by
+default: built for ImageNet-scale training, they slow convergence on tiny data sets.
 
 A run directory holds checkpoint.pt (rewritten atomically after every epoch), metrics.csv
 (one row per epoch) and curves.png. Resuming restores model, optimizer, scheduler, EMA and
-the torch RNG state; the data order of epoch e depends only on (seed, e), so a resumed run
-repeats the uninterrupted one exactly (an interrupted run loses only its current epoch).
+the EMA; the data order of epoch e depends only on (seed, e) and every epoch seeds torch's RNG
+from (seed, e, process), so a resumed run repeats the uninterrupted one exactly (an interrupted
+run loses only its current epoch).
+
+Under torchrun the run is data-parallel (quadmamba.distributed): ``batch_size`` is the global
+batch, every process trains on its part of it, process 0 writes the files and the log.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from quadmamba.data import DIGITS, DataSpec, augment, build_datasets, check_img_size, datasets_for_spec
+from quadmamba.data import (DIGITS, DataSpec, augment, build_datasets, check_aug, check_img_size,
+                            datasets_for_spec)
+from quadmamba.distributed import Group, epoch_batches, global_steps, join, launched_group, process_device, shard
 
 CHECKPOINT_FORMAT = "quadmamba-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -79,6 +86,9 @@ class TrainConfig:
     train_limit: int = 0
     test_limit: int = 0
     workers: int = 0
+    aug: str = "basic"
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     def __post_init__(self):
         check_img_size(self.img_size)
@@ -103,6 +113,21 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.train_limit < 0 or self.test_limit < 0 or self.workers < 0:
             raise ValueError("--train-limit, --test-limit and --workers must be >= 0")
+        check_aug(self.aug)
+        for name in ("mixup", "cutmix"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"--{name} is the alpha of a Beta distribution, >= 0 (0: off), "
+                                 f"got {getattr(self, name)}")
+
+    def mixing(self, num_classes: int):
+        """The batch mixing of the run (quadmamba.augment.MixupCutmix, label smoothing
+        included), or None without mixup and cutmix."""
+        if self.mixup == 0 and self.cutmix == 0:
+            return None
+        from quadmamba.augment import MixupCutmix
+
+        return MixupCutmix(num_classes, mixup_alpha=self.mixup, cutmix_alpha=self.cutmix,
+                           label_smoothing=self.label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,34 +246,56 @@ def _autocast(device: torch.device, enabled: bool):
 # ---------------------------------------------------------------------------------------------
 # loops
 # ---------------------------------------------------------------------------------------------
-def train_one_epoch(model, loader, optimizer, scheduler, spec: DataSpec, cfg: TrainConfig,
-                    device: torch.device, ema: Optional[ModelEma], desc: str) -> Dict[str, float]:
+def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, device: torch.device,
+                    ema: Optional[ModelEma], desc: str, transform: Callable[[torch.Tensor], torch.Tensor],
+                    group: Group = Group(), mixing=None) -> Dict[str, float]:
+    """One pass over ``loader`` (this process's part of each global batch); returns the epoch's
+    loss, accuracy (of the images' own labels) and throughput over the whole group.
+
+    ``transform`` acts on each batch of images; ``mixing`` (quadmamba.augment.MixupCutmix)
+    then mixes it and gives soft targets, trained with the soft-target cross-entropy (without
+    it: cross-entropy with ``cfg.label_smoothing``). Every step sums its loss over the local
+    images and scales the sum by world / (images in the global batch): with
+    DistributedDataParallel averaging over the processes, the gradient is that of the global
+    batch's mean loss, however it was split."""
     from tqdm import tqdm
 
+    from torch.nn.parallel import DistributedDataParallel
+
+    replica = model.module if isinstance(model, DistributedDataParallel) else model
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=None, leave=False, unit="batch")
+    bar = tqdm(loader, desc=desc, disable=None if group.main else True, leave=False, unit="batch")
     for images, labels in bar:
-        images = augment(images, spec).to(device)
+        images = transform(images).to(device)
         labels = labels.to(device)
+        targets = None
+        if mixing is not None:
+            images, targets = mixing(images, labels)
         with _autocast(device, cfg.amp):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"training diverged: loss is {loss.item()} ({desc}); lower --lr")
+        if targets is None:
+            loss_sum = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing, reduction="sum")
+        else:   # the soft-target cross-entropy, summed
+            loss_sum = -(targets * F.log_softmax(logits.float(), dim=1)).sum()
+        hits = (logits.argmax(1) == labels).sum()
+        stats = torch.stack([loss_sum.detach().double(), hits.double(),
+                             torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+        step_loss, step_correct, step_n = group.sum(stats).tolist()
+        if not math.isfinite(step_loss):
+            raise TrainingError(f"training diverged: loss is {step_loss / step_n} ({desc}); lower --lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum * (group.world / step_n)).backward()
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update(model)
-        n = labels.numel()
-        total_loss += loss.item() * n
-        correct += int((logits.argmax(1) == labels).sum())
-        seen += n
+            ema.update(replica)
+        total_loss += step_loss
+        correct += int(step_correct)
+        seen += int(step_n)
         rate = seen / max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}%", img_s=f"{rate:.0f}")
     elapsed = time.perf_counter() - start
@@ -258,15 +305,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, spec: DataSpec, cfg: Tr
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, num_classes: int, amp: bool = False,
-             desc: str = "eval") -> Dict[str, object]:
-    """Plain cross-entropy, top-1, top-5 and the confusion matrix (rows: true, cols: predicted)."""
+             desc: str = "eval", group: Group = Group()) -> Dict[str, object]:
+    """Plain cross-entropy, top-1, top-5 and the confusion matrix (rows: true, cols: predicted),
+    summed over the group (each process's loader holding its shard of the images)."""
     from tqdm import tqdm
 
     model.eval()
     total_loss, top1, top5, seen = 0.0, 0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     k = min(5, num_classes)
-    for images, labels in tqdm(loader, desc=desc, disable=None, leave=False, unit="batch"):
+    for images, labels in tqdm(loader, desc=desc, disable=None if group.main else True, leave=False, unit="batch"):
         images, labels = images.to(device), labels.to(device)
         with _autocast(device, amp):
             logits = model(images)
@@ -278,6 +326,10 @@ def evaluate(model, loader, device: torch.device, num_classes: int, amp: bool = 
         seen += labels.numel()
         confusion += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes ** 2).view(
             num_classes, num_classes)
+    if group.world > 1:
+        sums = group.sum(torch.tensor([total_loss, top1, top5, seen], dtype=torch.float64, device=device)).tolist()
+        total_loss, top1, top5, seen = sums[0], int(sums[1]), int(sums[2]), int(sums[3])
+        confusion = group.sum(confusion.to(device)).cpu()
     return {"loss": total_loss / max(seen, 1), "top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1),
             "correct": top1, "count": seen, "confusion": confusion}
 
@@ -300,13 +352,13 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 # What resuming a run reads besides the model: entry -> the type it must have.
-_RESUME_ENTRIES = {"optimizer": dict, "scheduler": dict, "epoch": int, "metrics": list, "rng": dict}
+_RESUME_ENTRIES = {"optimizer": dict, "scheduler": dict, "epoch": int, "metrics": list}
 
 
 def load_checkpoint(path: str, resume: bool = False) -> dict:
     """Load and check a checkpoint written by ``quadmamba train`` (tensors only, no code): the
     entries every use reads (model, config, data, train) and, with resume, the training state
-    (optimizer, scheduler, epoch, metrics, rng, and ema when the run keeps one)."""
+    (optimizer, scheduler, epoch, metrics, and ema when the run keeps one)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -394,14 +446,15 @@ def plot_curves(path: str, rows: List[dict], title: str) -> None:
     _atomic_write(path, lambda tmp: open(tmp, "wb").write(buf.getvalue()))
 
 
-def require_packages(data: Optional[str]) -> None:
+def require_packages(data: Optional[str], augmenting: bool = False) -> None:
     """Import the optional packages a run needs (tqdm, matplotlib, and scikit-learn for the
-    digits or Pillow for a folder) before anything is written: a missing one raises
-    ModuleNotFoundError (which the command line turns into the install command) and leaves
-    no empty run folder behind."""
+    digits or Pillow for a folder or the augmentations of quadmamba.augment) before anything
+    is written: a missing one raises ModuleNotFoundError (which the command line turns into
+    the install command) and leaves no empty run folder behind."""
     import importlib
 
-    for name in ("matplotlib", "tqdm", "sklearn" if data in (None, DIGITS) else "PIL"):
+    names = ["matplotlib", "tqdm", "sklearn" if data in (None, DIGITS) else "PIL"]
+    for name in names + (["PIL"] if augmenting else []):
         importlib.import_module(name)
 
 
@@ -442,10 +495,17 @@ def _fmt_row(row: dict, epochs: int) -> str:
             f"  {row['images_per_s']:7.1f} img/s  {row['seconds']:6.1f} s")
 
 
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of torch's RNG for an epoch of one process (Gumbel noise, drop path, augmentation)."""
+    return ((seed * 1_000_003 + epoch) * 65_537 + rank) % (2 ** 63)
+
+
 def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = False, force: bool = False,
                  log: Callable[[str], None] = print) -> dict:
     """Train (or resume) a run in ``output``; returns the final metrics row plus the held-out
-    counts. With resume, ``cfg`` is ignored except for ``device`` (the checkpoint's settings rule)."""
+    counts. With resume, ``cfg`` is ignored except for ``device`` (the checkpoint's settings rule).
+    Launched by torchrun, every process calls this; process 0 writes the files and logs."""
+    group = launched_group()
     ckpt_path = check_output(output, resume, force)
     state = None
     if resume:
@@ -454,33 +514,41 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
         if cfg is not None:
             stored.device = cfg.device
         cfg = stored
-    device = resolve_device(cfg.device)
+    device = resolve_device(process_device(cfg.device, group))
     check_kernels(cfg.kernels)
-    require_packages(cfg.data)
+    require_packages(cfg.data, augmenting=cfg.aug != "basic" or cfg.mixup > 0 or cfg.cutmix > 0)
+    epoch_batches(range(0), cfg.batch_size, group)   # the global batch must cover the processes
     torch.manual_seed(cfg.seed)
-    train_set, test_set, spec = build_datasets(cfg.data, cfg.img_size, cfg.in_chans, cfg.seed, cfg.val_fraction)
+    train_set, test_set, spec = build_datasets(cfg.data, cfg.img_size, cfg.in_chans, cfg.seed, cfg.val_fraction,
+                                               cfg.aug)
     if state is not None and DataSpec.from_dict(state["data"]).classes != spec.classes:
         raise CheckpointError(f"{cfg.data} no longer has the classes the checkpoint was trained on")
     train_set, test_set = _subset(train_set, cfg.train_limit), _subset(test_set, cfg.test_limit)
+    join(group, device)
     created = not os.path.exists(output)
-    create_output(output)   # the first write: the settings, packages and data are checked
+    if group.main:
+        create_output(output)   # the first write: the settings, packages and data are checked
+    group.barrier()
     try:
-        return _train(cfg, output, ckpt_path, state, device, train_set, test_set, spec, log)
+        return _train(cfg, output, ckpt_path, state, device, train_set, test_set, spec,
+                      log if group.main else (lambda line: None), group)
     except BaseException:
         # A run that fails before writing anything (an image that does not decode, say) leaves
         # no empty run directory behind.
-        if created and os.path.isdir(output) and not os.listdir(output):
+        if group.main and created and os.path.isdir(output) and not os.listdir(output):
             os.rmdir(output)
         raise
 
 
 def _train(cfg: TrainConfig, output: str, ckpt_path: str, state: Optional[dict], device: torch.device,
-           train_set, test_set, spec: DataSpec, log: Callable[[str], None]) -> dict:
+           train_set, test_set, spec: DataSpec, log: Callable[[str], None], group: Group) -> dict:
     """run_training's epochs, in the created run directory."""
+    from torch.nn.parallel import DistributedDataParallel
+
     num_classes = len(spec.classes)
     model = build_model(cfg, num_classes, spec.in_chans).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = global_steps(len(train_set), cfg.batch_size, group.world)
     total = steps_per_epoch * cfg.epochs
     # The warm-up takes at most half of the run, so that a short run (e.g. one epoch with the
     # default one-epoch warm-up) still decays its learning rate.
@@ -503,9 +571,6 @@ def _train(cfg: TrainConfig, output: str, ckpt_path: str, state: Optional[dict],
                 ema.module.load_state_dict(state["ema"])
             rows = list(state["metrics"])
             start_epoch = int(state["epoch"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {ckpt_path}: its training state does not fit the run "
                                   f"({type(exc).__name__}: {exc})") from None
@@ -515,32 +580,44 @@ def _train(cfg: TrainConfig, output: str, ckpt_path: str, state: Optional[dict],
 
         log(f"{cfg.model} ({count_params(model):,} parameters, quad scan {cfg.quad_scan}, kernels {cfg.kernels}) "
             f"on {spec.source}: {len(train_set)} train / {len(test_set)} held-out images, "
-            f"{num_classes} classes, {cfg.img_size}x{cfg.img_size}x{spec.in_chans}, device {device}")
+            f"{num_classes} classes, {cfg.img_size}x{cfg.img_size}x{spec.in_chans}, device {device}"
+            + (f" x {group.world} processes" if group.world > 1 else ""))
+    trained = model
+    if group.world > 1:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = ema.module if ema is not None else model
+    test_part = test_set if group.world == 1 else torch.utils.data.Subset(test_set, shard(len(test_set), group))
+    # "basic": shift (and flip) whole batches; "imagenet": each image was augmented on loading
+    batch_transform = (lambda x: augment(x, spec)) if cfg.aug == "basic" else (lambda x: x)
+    mixing = cfg.mixing(num_classes)
     result = None
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch, group.rank))
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=order.tolist(), num_workers=cfg.workers)
-        stats = train_one_epoch(model, loader, optimizer, scheduler, spec, cfg, device, ema,
-                                desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        test_loader = DataLoader(test_set, batch_size=max(cfg.batch_size, 128), num_workers=cfg.workers)
-        result = evaluate(eval_model, test_loader, device, num_classes, cfg.amp)
+        loader = DataLoader(train_set, batch_sampler=epoch_batches(order.tolist(), cfg.batch_size, group),
+                            num_workers=cfg.workers)
+        stats = train_one_epoch(trained, loader, optimizer, scheduler, cfg, device, ema,
+                                desc=f"epoch {epoch + 1}/{cfg.epochs}", transform=batch_transform,
+                                group=group, mixing=mixing)
+        test_loader = DataLoader(test_part, batch_size=max(-(-cfg.batch_size // group.world), 128),
+                                 num_workers=cfg.workers)
+        result = evaluate(eval_model, test_loader, device, num_classes, cfg.amp, group=group)
         row = {"epoch": epoch + 1, **stats, "test_loss": result["loss"], "test_acc": result["top1"],
                "seconds": time.perf_counter() - started}
         rows.append(row)
-        save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-            "config": asdict(model.config), "data": spec.to_dict(), "train": asdict(cfg),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1, "metrics": rows,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        })
-        write_metrics(os.path.join(output, METRICS_NAME), rows)
-        plot_curves(os.path.join(output, CURVES_NAME), rows,
-                    f"{cfg.model} ({cfg.quad_scan} scan) on {os.path.basename(spec.source)}")
+        if group.main:
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                "config": asdict(model.config), "data": spec.to_dict(), "train": asdict(cfg),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1, "metrics": rows,
+            })
+            write_metrics(os.path.join(output, METRICS_NAME), rows)
+            plot_curves(os.path.join(output, CURVES_NAME), rows,
+                        f"{cfg.model} ({cfg.quad_scan} scan) on {os.path.basename(spec.source)}")
+        group.barrier()
         log(_fmt_row(row, cfg.epochs))
     final = dict(rows[-1])
     if result is None:   # resumed a finished run: report its stored result
@@ -559,17 +636,22 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, device: str = 
                         kernels: Optional[str] = None, batch_size: int = 128, test_limit: int = 0,
                         expect_model: Optional[str] = None) -> dict:
     """Top-1/top-5/confusion of a checkpoint on its held-out split, or on another folder
-    (every image of it, or its val/ sub-folder when it has train/ and val/)."""
+    (every image of it, or its val/ sub-folder when it has train/ and val/). Launched by
+    torchrun, every process scores its shard and every process returns the group's totals."""
     if test_limit < 0:
         raise ValueError(f"--test-limit must be >= 0 (0: every image), got {test_limit}")
+    group = launched_group()
     state = load_checkpoint(path)
     spec = DataSpec.from_dict(state["data"])
-    dev = resolve_device(device)
+    dev = resolve_device(process_device(device, group))
     model = restore_model(state, kernels, expect_model).to(dev)
     _, test_set = datasets_for_spec(spec, data)
     test_set = _subset(test_set, test_limit)
+    join(group, dev)
+    if group.world > 1:
+        test_set = torch.utils.data.Subset(test_set, shard(len(test_set), group))
     loader = DataLoader(test_set, batch_size=batch_size)
-    result = evaluate(model, loader, dev, len(spec.classes))
+    result = evaluate(model, loader, dev, len(spec.classes), group=group)
     result["classes"] = spec.classes
     result["model"] = state["config"].get("name")
     return result

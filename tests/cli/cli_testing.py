@@ -3,6 +3,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
+
 PYTHON_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "python")
 
 # Tiny settings shared by the tests: a few batches of 32x32 digits on the reference ops.
@@ -32,3 +35,20 @@ def assert_clean_error(proc, *fragments):
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
+def make_folder(root, layout="flat", n=6, size=20, corrupt=None):
+    """Two classes of synthetic photos: bright-left vs bright-right gradients (RGB PNG/JPEG)."""
+    rng = np.random.default_rng(0)
+    splits = {"flat": [root], "split": [root / "train", root / "val"]}[layout]
+    for split in splits:
+        for label, name in enumerate(("left", "right")):
+            folder = split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                ramp = np.linspace(0, 1, size)[None, :, None] * np.ones((size, size, 3))
+                img = ramp if label else ramp[:, ::-1]
+                img = np.clip(img + 0.1 * rng.standard_normal(img.shape), 0, 1)
+                ext = "png" if i % 2 else "jpg"
+                Image.fromarray((255 * img).astype(np.uint8)).save(folder / f"{i}.{ext}")
+    if corrupt is not None:
+        (root / corrupt).write_bytes(b"this is not an image")
+    return root

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_testing import TINY, assert_clean_error, run_cli
+from cli_testing import TINY, assert_clean_error, make_folder, run_cli
 from quadmamba import cli
 from quadmamba.train import METRIC_COLUMNS, TrainConfig, evaluate_checkpoint, load_checkpoint, run_training
 from quadmamba.visualize import figure_size
@@ -60,7 +60,7 @@ def test_train_writes_checkpoint_metrics_and_curves(trained_run):
     assert float(rows[1]["lr"]) < float(rows[0]["lr"]), rows
     assert png_size(run / "curves.png") == (1000, 400)
     state = load_checkpoint(str(run / "checkpoint.pt"))
-    for key in ("model", "config", "optimizer", "scheduler", "epoch", "metrics", "ema", "rng", "data", "train"):
+    for key in ("model", "config", "optimizer", "scheduler", "epoch", "metrics", "ema", "data", "train"):
         assert key in state, key
     assert state["epoch"] == 2 and state["config"]["name"] == "quadmamba_nano"
     assert state["config"]["in_chans"] == 1 and state["data"]["img_size"] == 32
@@ -80,7 +80,7 @@ def test_eval_reproduces_logged_accuracy(trained_run, tmp_path):
                    "--test-limit", "32", "--output", out)
     assert proc.returncode == 0, proc.stderr
     top1 = float(re.search(r"top-1 ([\d.]+)%", proc.stdout).group(1))
-    assert top1 == pytest.approx(100 * logged, abs=0.005), (top1, logged)
+    assert top1 == pytest.approx(100 * logged, abs=0.005 + 1e-9), (top1, logged)   # printed to 0.01
     assert png_size(out) == (700, 600)
 
 
@@ -128,25 +128,6 @@ def test_train_with_ema_evaluates_the_averaged_weights(tmp_path, capsys):
     assert differs, "EMA weights equal the raw weights after training"
     r = evaluate_checkpoint(str(out / "checkpoint.pt"), kernels="reference", test_limit=16)
     assert r["top1"] == pytest.approx(final["test_acc"], abs=1e-12)
-
-
-def make_folder(root, layout="flat", n=6, size=20, corrupt=None):
-    """Two classes of synthetic photos: bright-left vs bright-right gradients (RGB PNG/JPEG)."""
-    rng = np.random.default_rng(0)
-    splits = {"flat": [root], "split": [root / "train", root / "val"]}[layout]
-    for split in splits:
-        for label, name in enumerate(("left", "right")):
-            folder = split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                ramp = np.linspace(0, 1, size)[None, :, None] * np.ones((size, size, 3))
-                img = ramp if label else ramp[:, ::-1]
-                img = np.clip(img + 0.1 * rng.standard_normal(img.shape), 0, 1)
-                ext = "png" if i % 2 else "jpg"
-                Image.fromarray((255 * img).astype(np.uint8)).save(folder / f"{i}.{ext}")
-    if corrupt is not None:
-        (root / corrupt).write_bytes(b"this is not an image")
-    return root
 
 
 @pytest.mark.parametrize("layout", ["flat", "split"])
@@ -496,10 +477,10 @@ def test_incomplete_checkpoint_is_a_clean_error(trained_run, tmp_path, capsys):
     variant("classes", lambda st: st["config"].update(num_classes=3), False, "has 3 classes, its data 10")
 
     def shrink(st):   # what a user might strip to keep only the weights: still evaluates
-        for key in ("optimizer", "scheduler", "rng"):
+        for key in ("optimizer", "scheduler"):
             del st[key]
         st["train"]["epochs"] = 3
-    variant("shrunk", shrink, True, "cannot resume a run", "'optimizer', 'scheduler', 'rng'")
+    variant("shrunk", shrink, True, "cannot resume a run", "'optimizer', 'scheduler'")
     shrunk = tmp_path / "shrunk" / "checkpoint.pt"
     assert evaluate_checkpoint(str(shrunk), kernels="reference")["count"] > 0
     variant("ema", lambda st: st["train"].update(ema_decay=0.9, epochs=3), True, "no usable 'ema'")
