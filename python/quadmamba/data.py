@@ -155,21 +155,10 @@ def open_image(path: str, in_chans: int):
 
 def load_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
     """A file -> (in_chans, img_size, img_size) float32 in [0, 1] (resized, not normalised)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            img = _to_8bit(img)
-            img = img.convert("L" if in_chans == 1 else "RGB")
-            img = img.resize((img_size, img_size), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"expected an image file, got a directory: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"not a readable image: {path} ({type(exc).__name__})") from None
-    t = torch.from_numpy(array)
+    img = open_image(path, in_chans).resize((img_size, img_size), Image.BILINEAR)
+    t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
     return t.unsqueeze(0) if in_chans == 1 else t.permute(2, 0, 1).contiguous()
 
 
@@ -209,7 +198,8 @@ def _verify_image(path: str) -> None:
 
 def scan_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     """(classes, [(path, label)]) of an ImageFolder directory: every sub-folder is a class,
-    every file with an image extension inside it (recursively) a sample. Files are verified."""
+    every file with an image extension inside it (recursively) a sample. Files are verified
+    (decoded headers); launched by torchrun, each process verifies its share of them."""
     if not os.path.isdir(root):
         raise DataError(f"data folder not found: {root}")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -225,7 +215,10 @@ def scan_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     if not samples:
         raise DataError(f"data folder {root} has class folders {classes} but no images "
                         f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
-    for path, _ in samples:
+    from quadmamba.distributed import launched_group
+
+    group = launched_group()
+    for path, _ in samples[group.rank::group.world]:
         _verify_image(path)
     return classes, samples
 

@@ -126,6 +126,13 @@ def global_steps(n: int, batch_size: int, world: int = 1) -> int:
     return n // batch_size + (1 if n % batch_size >= world else 0)
 
 
+def check_global_batch(batch_size: int, group: Group) -> None:
+    """Every process needs a part of every global batch."""
+    if batch_size < group.world:
+        raise ValueError(f"--batch-size {batch_size} is the global batch; it must be at least the number of "
+                         f"processes ({group.world})")
+
+
 def epoch_batches(order: Sequence[int], batch_size: int, group: Group = Group()) -> List[List[int]]:
     """This process's part of every global batch of an epoch.
 
@@ -133,9 +140,7 @@ def epoch_batches(order: Sequence[int], batch_size: int, group: Group = Group())
     order[i*B : (i+1)*B] and process r takes the r-th of ``world`` consecutive parts whose
     sizes differ by at most one (the first B mod world parts one larger). A last batch with
     fewer images than processes is left out (global_steps counts the batches kept)."""
-    if batch_size < group.world:
-        raise ValueError(f"--batch-size {batch_size} is the global batch; it must be at least the number of "
-                         f"processes ({group.world})")
+    check_global_batch(batch_size, group)
     order = list(order)
     batches = []
     for i in range(global_steps(len(order), batch_size, group.world)):

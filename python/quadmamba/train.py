@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader
 
 from quadmamba.data import (DIGITS, DataSpec, augment, build_datasets, check_aug, check_img_size,
                             datasets_for_spec)
-from quadmamba.distributed import Group, epoch_batches, global_steps, join, launched_group, process_device, shard
+from quadmamba.distributed import (Group, check_global_batch, epoch_batches, global_steps, join, launched_group,
+                                   process_device, shard)
 
 CHECKPOINT_FORMAT = "quadmamba-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -517,7 +518,7 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
     device = resolve_device(process_device(cfg.device, group))
     check_kernels(cfg.kernels)
     require_packages(cfg.data, augmenting=cfg.aug != "basic" or cfg.mixup > 0 or cfg.cutmix > 0)
-    epoch_batches(range(0), cfg.batch_size, group)   # the global batch must cover the processes
+    check_global_batch(cfg.batch_size, group)
     torch.manual_seed(cfg.seed)
     train_set, test_set, spec = build_datasets(cfg.data, cfg.img_size, cfg.in_chans, cfg.seed, cfg.val_fraction,
                                                cfg.aug)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli_testing import PYTHON_DIR, TINY, run_cli
+from cli_testing import PYTHON_DIR, TINY, make_folder, run_cli
 from quadmamba.distributed import Group, epoch_batches, global_steps, launched_group, process_device, shard
 from quadmamba.train import TrainConfig, evaluate, evaluate_checkpoint, load_checkpoint, train_one_epoch
 
@@ -187,3 +187,22 @@ def test_torchrun_errors(tmp_path):
     assert not (tmp_path / "run").exists()
     proc = _torchrun("train", *TINY, "--device", "cuda:0", "--output", tmp_path / "run")
     assert proc.returncode != 0 and "each process takes cuda:LOCAL_RANK" in proc.stderr, proc.stderr
+
+
+def test_each_process_verifies_its_share_of_a_folder(tmp_path, monkeypatch):
+    """Under torchrun the image files are verified once in the group: the process whose share
+    holds a broken file fails (and torchrun stops the group), the others do not read it."""
+    from quadmamba.data import DataError, scan_folder
+
+    data = make_folder(tmp_path / "data", corrupt="left/broken.png")
+    failed = []
+    for rank in range(3):
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        try:
+            scan_folder(str(data))
+        except DataError as exc:
+            assert "broken.png" in str(exc)
+            failed.append(rank)
+    assert len(failed) == 1, failed
