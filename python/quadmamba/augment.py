@@ -190,6 +190,30 @@ def _check_generator(generator) -> None:
 # ---------------------------------------------------------------------------------------------
 # crops
 # ---------------------------------------------------------------------------------------------
+def _fitting_box(size_a: int, size_b: int, scale: Tuple[float, float], ratio: Tuple[float, float],
+                 generator: Generator) -> Optional[Tuple[int, int, int, int]]:
+    """The first of up to 10 random boxes that fits a size_a x size_b image: (offset_a,
+    offset_b, a, b), or None when none fits.
+
+    Each try draws the area fraction s ~ U(scale) and the ratio r = a / b log-uniform on
+    ``ratio``: a = round(sqrt(s A r)), b = round(sqrt(s A / r)), A = size_a * size_b; it fits
+    when 1 <= a <= size_a and 1 <= b <= size_b, and is then placed uniformly, offset_a ~
+    U{0..size_a-a} drawn before offset_b ~ U{0..size_b-b}. A crop window passes (width,
+    height): r = w / h; an erased rectangle passes (height, width): r = h / w.
+    """
+    area = size_a * size_b
+    for _ in range(_MAX_TRIES):
+        target = area * _uniform(generator, *scale)
+        aspect = _log_uniform(*ratio, generator)
+        a = int(round(math.sqrt(target * aspect)))
+        b = int(round(math.sqrt(target / aspect)))
+        if 1 <= a <= size_a and 1 <= b <= size_b:
+            offset_a = _randint(0, size_a - a, generator)
+            offset_b = _randint(0, size_b - b, generator)
+            return offset_a, offset_b, a, b
+    return None
+
+
 def random_resized_crop_box(width: int, height: int, scale: Sequence[float] = (0.08, 1.0),
                             ratio: Sequence[float] = (3 / 4, 4 / 3),
                             generator: Generator = None) -> Tuple[int, int, int, int]:
@@ -216,16 +240,9 @@ def random_resized_crop_box(width: int, height: int, scale: Sequence[float] = (0
     s_low, s_high = _check_range("scale", scale)
     r_low, r_high = _check_range("ratio", ratio)
     _check_generator(generator)
-    area = width * height
-    for _ in range(_MAX_TRIES):
-        target = area * _uniform(generator, s_low, s_high)
-        aspect = _log_uniform(r_low, r_high, generator)
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 1 <= w <= width and 1 <= h <= height:
-            left = _randint(0, width - w, generator)
-            top = _randint(0, height - h, generator)
-            return left, top, w, h
+    box = _fitting_box(width, height, (s_low, s_high), (r_low, r_high), generator)
+    if box is not None:
+        return box
     in_ratio = width / height
     if in_ratio < r_low:
         w, h = width, min(height, max(1, int(round(width / r_low))))
@@ -509,18 +526,11 @@ def random_erasing(image: torch.Tensor, prob: float = 0.25, scale: Sequence[floa
     if prob == 0 or _uniform(generator) >= prob:
         return out
     c, height, width = image.shape
-    area = height * width
-    for _ in range(_MAX_TRIES):
-        target = area * _uniform(generator, s_low, s_high)
-        aspect = _log_uniform(r_low, r_high, generator)
-        h = int(round(math.sqrt(target * aspect)))
-        w = int(round(math.sqrt(target / aspect)))
-        if 1 <= h <= height and 1 <= w <= width:
-            top = _randint(0, height - h, generator)
-            left = _randint(0, width - w, generator)
-            noise = torch.randn((c, h, w), generator=generator, dtype=torch.float32)
-            out[:, top:top + h, left:left + w] = noise.to(device=image.device, dtype=image.dtype)
-            break
+    box = _fitting_box(height, width, (s_low, s_high), (r_low, r_high), generator)
+    if box is not None:
+        top, left, h, w = box
+        noise = torch.randn((c, h, w), generator=generator, dtype=torch.float32)
+        out[:, top:top + h, left:left + w] = noise.to(device=image.device, dtype=image.dtype)
     return out
 
 
