@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
+from quadmamba.data import image_to_tensor, normalize
+
 __all__ = [
     "RAND_INCREASING_OPS", "EvalTransform", "MixupCutmix", "RandAugment", "TrainTransform",
     "random_erasing", "random_resized_crop", "random_resized_crop_box", "resize_center_crop",
@@ -658,8 +660,9 @@ class MixupCutmix:
         return mixed, targets
 
 
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft targets: mean_b of -sum_k targets[b, k] * log_softmax(logits[b])_k.
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against soft targets: mean_b (or sum_b, reduction="sum") of
+    -sum_k targets[b, k] * log_softmax(logits[b])_k.
 
     Computed in float32 at least (float64 inputs stay float64), so bf16/fp16 logits do not lose
     precision in the log-sum-exp. With smoothed one-hot targets it equals
@@ -668,9 +671,12 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     Args:
         logits: (B, K) floating tensor.
         targets: (B, K) tensor, rows of non-negative weights (normally summing to 1).
+        reduction: "mean" or "sum" over the batch.
     Returns:
         A scalar tensor.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError("logits must be a (B, K) floating-point tensor, got "
                          + (f"shape {tuple(logits.shape)} dtype {logits.dtype}" if isinstance(logits, torch.Tensor)
@@ -681,7 +687,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
                             else type(targets).__name__))
     dtype = torch.promote_types(logits.dtype, torch.float32)
     log_probs = F.log_softmax(logits.to(dtype), dim=-1)
-    return -(targets.to(dtype) * log_probs).sum(dim=-1).mean()
+    per_image = -(targets.to(dtype) * log_probs).sum(dim=-1)
+    return per_image.mean() if reduction == "mean" else per_image.sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,13 +710,7 @@ def _check_stats(in_chans, mean, std) -> Tuple[Tuple[float, ...], Tuple[float, .
 
 def _to_normalised_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """"L"/"RGB" image -> (C, H, W) float32: (pixel / 255 - mean) / std per channel."""
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[:, :, None]
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (tensor - m) / s
+    return normalize(image_to_tensor(img)[None], mean, std)[0]
 
 
 class TrainTransform:

@@ -157,9 +157,13 @@ def load_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
     """A file -> (in_chans, img_size, img_size) float32 in [0, 1] (resized, not normalised)."""
     from PIL import Image
 
-    img = open_image(path, in_chans).resize((img_size, img_size), Image.BILINEAR)
+    return image_to_tensor(open_image(path, in_chans).resize((img_size, img_size), Image.BILINEAR))
+
+
+def image_to_tensor(img) -> torch.Tensor:
+    """An "L" or "RGB" PIL image -> (1 or 3, H, W) float32 pixel / 255 in [0, 1]."""
     t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    return t.unsqueeze(0) if in_chans == 1 else t.permute(2, 0, 1).contiguous()
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
 def _to_8bit(img):

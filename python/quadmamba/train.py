@@ -264,6 +264,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, devic
     from torch.nn.parallel import DistributedDataParallel
 
     replica = model.module if isinstance(model, DistributedDataParallel) else model
+    if mixing is not None:
+        from quadmamba.augment import soft_target_cross_entropy
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -278,8 +280,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, cfg: TrainConfig, devic
             logits = model(images)
         if targets is None:
             loss_sum = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing, reduction="sum")
-        else:   # the soft-target cross-entropy, summed
-            loss_sum = -(targets * F.log_softmax(logits.float(), dim=1)).sum()
+        else:
+            loss_sum = soft_target_cross_entropy(logits, targets, reduction="sum")
         hits = (logits.argmax(1) == labels).sum()
         stats = torch.stack([loss_sum.detach().double(), hits.double(),
                              torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])

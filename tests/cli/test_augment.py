@@ -600,12 +600,17 @@ def test_soft_target_cross_entropy_matches_label_smoothing_and_gradient():
         ours.backward()
         ref.backward()
         assert torch.allclose(a.grad, b.grad, atol=1e-12, rtol=0)
+        total = soft_target_cross_entropy(logits, targets, reduction="sum")
+        ref_total = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="sum")
+        assert abs(total.item() - ref_total.item()) < 1e-12
     low = soft_target_cross_entropy(torch.randn(4, k).bfloat16(), torch.full((4, k), 1 / k))
     assert low.dtype == torch.float32 and low.dim() == 0
     with pytest.raises(ValueError, match="targets"):
         soft_target_cross_entropy(torch.randn(4, k), torch.randn(4, k + 1))
     with pytest.raises(ValueError, match="logits"):
         soft_target_cross_entropy(torch.randn(4), torch.randn(4))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        soft_target_cross_entropy(torch.randn(4, k), torch.randn(4, k), reduction="none")
 
 
 # ---------------------------------------------------------------------------------------------
