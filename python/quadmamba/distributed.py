@@ -80,10 +80,12 @@ def join(group: Group, device: torch.device) -> None:
     """Join the process group of ``group`` (once per process; a no-op alone or when joined).
 
     The CPU uses gloo and CUDA NCCL; torch.distributed must be available in this build."""
-    if group.world == 1 or torch.distributed.is_initialized():
+    if group.world == 1:
         return
     if not torch.distributed.is_available():
         raise ValueError("distributed training: this build of torch has no torch.distributed")
+    if torch.distributed.is_initialized():
+        return
     backend = BACKENDS[device.type]
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -151,7 +153,10 @@ def epoch_batches(order: Sequence[int], batch_size: int, group: Group = Group())
     return batches
 
 
-def shard(n: int, group: Group) -> List[int]:
-    """Indices of n items this process evaluates: rank, rank + world, ... (each item once in
-    the whole group, no padding, so sums over the group count every item exactly once)."""
-    return list(range(group.rank, n, group.world))
+def shard(dataset, group: Group):
+    """The part of ``dataset`` this process evaluates: items rank, rank + world, ... (each item
+    once in the whole group, no padding, so sums over the group count every item exactly
+    once); the dataset itself when alone."""
+    if group.world == 1:
+        return dataset
+    return torch.utils.data.Subset(dataset, range(group.rank, len(dataset), group.world))

@@ -8,8 +8,8 @@ RandAugment, random erasing; ``mixup`` / ``cutmix`` alphas; quadmamba.augment), 
 default: built for ImageNet-scale training, they slow convergence on tiny data sets.
 
 A run directory holds checkpoint.pt (rewritten atomically after every epoch), metrics.csv
-(one row per epoch) and curves.png. Resuming restores model, optimizer, scheduler, EMA and
-the EMA; the data order of epoch e depends only on (seed, e) and every epoch seeds torch's RNG
+(one row per epoch) and curves.png. Resuming restores model, optimizer, scheduler and EMA;
+the data order of epoch e depends only on (seed, e) and every epoch seeds torch's RNG
 from (seed, e, process), so a resumed run repeats the uninterrupted one exactly (an interrupted
 run loses only its current epoch).
 
@@ -589,7 +589,7 @@ def _train(cfg: TrainConfig, output: str, ckpt_path: str, state: Optional[dict],
     if group.world > 1:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = ema.module if ema is not None else model
-    test_part = test_set if group.world == 1 else torch.utils.data.Subset(test_set, shard(len(test_set), group))
+    test_part = shard(test_set, group)
     # "basic": shift (and flip) whole batches; "imagenet": each image was augmented on loading
     batch_transform = (lambda x: augment(x, spec)) if cfg.aug == "basic" else (lambda x: x)
     mixing = cfg.mixing(num_classes)
@@ -651,9 +651,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, device: str = 
     _, test_set = datasets_for_spec(spec, data)
     test_set = _subset(test_set, test_limit)
     join(group, dev)
-    if group.world > 1:
-        test_set = torch.utils.data.Subset(test_set, shard(len(test_set), group))
-    loader = DataLoader(test_set, batch_size=batch_size)
+    loader = DataLoader(shard(test_set, group), batch_size=batch_size)
     result = evaluate(model, loader, dev, len(spec.classes), group=group)
     result["classes"] = spec.classes
     result["model"] = state["config"].get("name")
