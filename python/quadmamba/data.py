@@ -162,6 +162,9 @@ def load_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
 
 def image_to_tensor(img) -> torch.Tensor:
     """An "L" or "RGB" PIL image -> (1 or 3, H, W) float32 pixel / 255 in [0, 1]."""
+    if getattr(img, "mode", None) not in ("L", "RGB"):
+        raise ValueError(f"img must be a PIL image of mode 'L' or 'RGB', got "
+                         f"{type(img).__name__}{' of mode ' + repr(img.mode) if hasattr(img, 'mode') else ''}")
     t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 

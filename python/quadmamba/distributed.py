@@ -18,6 +18,7 @@ path, augmentation): each process draws its own.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -92,14 +93,23 @@ def join(group: Group, device: torch.device) -> None:
     torch.distributed.init_process_group(backend, init_method="env://", rank=group.rank,
                                          world_size=group.world,
                                          device_id=device if device.type == "cuda" else None)
-    atexit.register(_leave)
+    atexit.register(leave)
     # A depthwise convolution's weight gradient (C, 1, k, k) comes back with another stride on
     # its size-1 axis than the parameter has; DDP copies it into its bucket all the same.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
-def _leave() -> None:
-    if torch.distributed.is_initialized():
+def leave() -> None:
+    """Leave the process group (joined by ``join``; at exit at the latest).
+
+    The group's worker threads are joined when its last reference goes: a
+    DistributedDataParallel that still holds it (a reference cycle, or a caller's local) would
+    keep them running into the interpreter's shutdown, where a thread that releases a finished
+    collective's tensors cannot take the GIL and the process aborts ("terminate called without
+    an active exception"). So unreachable holders are collected first; callers drop their own
+    DistributedDataParallel before calling this."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
@@ -125,14 +135,17 @@ def process_device(name: str, group: Group) -> str:
 def global_steps(n: int, batch_size: int, world: int = 1) -> int:
     """Optimizer steps per epoch: n images in global batches of batch_size, a last partial
     batch kept when every process gets at least one of its images."""
+    check_global_batch(batch_size, world)
     return n // batch_size + (1 if n % batch_size >= world else 0)
 
 
-def check_global_batch(batch_size: int, group: Group) -> None:
-    """Every process needs a part of every global batch."""
-    if batch_size < group.world:
+def check_global_batch(batch_size: int, world: int) -> None:
+    """Every one of the ``world`` processes needs a part of every global batch."""
+    if world < 1:
+        raise ValueError(f"the number of processes must be >= 1, got {world}")
+    if batch_size < world:
         raise ValueError(f"--batch-size {batch_size} is the global batch; it must be at least the number of "
-                         f"processes ({group.world})")
+                         f"processes ({world})")
 
 
 def epoch_batches(order: Sequence[int], batch_size: int, group: Group = Group()) -> List[List[int]]:
@@ -142,7 +155,6 @@ def epoch_batches(order: Sequence[int], batch_size: int, group: Group = Group())
     order[i*B : (i+1)*B] and process r takes the r-th of ``world`` consecutive parts whose
     sizes differ by at most one (the first B mod world parts one larger). A last batch with
     fewer images than processes is left out (global_steps counts the batches kept)."""
-    check_global_batch(batch_size, group)
     order = list(order)
     batches = []
     for i in range(global_steps(len(order), batch_size, group.world)):

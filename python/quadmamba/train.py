@@ -520,7 +520,7 @@ def run_training(cfg: Optional[TrainConfig], output: str, *, resume: bool = Fals
     device = resolve_device(process_device(cfg.device, group))
     check_kernels(cfg.kernels)
     require_packages(cfg.data, augmenting=cfg.aug != "basic" or cfg.mixup > 0 or cfg.cutmix > 0)
-    check_global_batch(cfg.batch_size, group)
+    check_global_batch(cfg.batch_size, group.world)
     torch.manual_seed(cfg.seed)
     train_set, test_set, spec = build_datasets(cfg.data, cfg.img_size, cfg.in_chans, cfg.seed, cfg.val_fraction,
                                                cfg.aug)

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from cli_testing import PYTHON_DIR, TINY, make_folder, run_cli
-from quadmamba.distributed import Group, epoch_batches, global_steps, launched_group, process_device, shard
+from quadmamba.distributed import (Group, epoch_batches, global_steps, launched_group, leave, process_device,
+                                   shard)
 from quadmamba.train import TrainConfig, evaluate, evaluate_checkpoint, load_checkpoint, train_one_epoch
 
 
@@ -40,6 +41,10 @@ def test_processes_split_every_global_batch(world, n, batch):
 def test_the_global_batch_must_cover_the_processes():
     with pytest.raises(ValueError, match="--batch-size 2 is the global batch.*processes \\(3\\)"):
         epoch_batches(range(10), 2, Group(0, 3, 0))
+    with pytest.raises(ValueError, match="--batch-size 0 is the global batch.*processes \\(1\\)"):
+        global_steps(10, 0)
+    with pytest.raises(ValueError, match="the number of processes must be >= 1, got 0"):
+        global_steps(10, 4, 0)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -111,7 +116,8 @@ def _linear_run(group: Group, store: str, batch: int, out: dict):
     if group.main:
         out.update(weights={k: v.clone() for k, v in model.state_dict().items()}, stats=stats, eval=result)
     if group.world > 1:
-        torch.distributed.destroy_process_group()
+        del trained   # the DDP wrapper holds the group (see distributed.leave)
+        leave()
 
 
 def _worker(rank, world, store, batch, queue_path):

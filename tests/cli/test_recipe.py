@@ -110,3 +110,18 @@ def test_bad_recipe_options_fail_before_anything_is_written(tmp_path, capsys, ar
 def test_resume_refuses_a_recipe(tmp_path, capsys):
     code, _, err = _main(capsys, "train", "--resume", "--recipe", "paper", "--output", tmp_path / "run")
     assert code == 1 and "drop --recipe" in err, err
+
+
+def test_image_to_tensor_takes_grey_and_rgb_images_only():
+    from PIL import Image
+
+    from quadmamba.data import image_to_tensor
+
+    grey = Image.new("L", (3, 2), 51)
+    assert torch.equal(image_to_tensor(grey), torch.full((1, 2, 3), 0.2))
+    rgb = image_to_tensor(Image.new("RGB", (3, 2), (255, 0, 51)))
+    assert rgb.shape == (3, 2, 3) and torch.equal(rgb[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
+    with pytest.raises(ValueError, match="img must be a PIL image of mode 'L' or 'RGB', got Image of mode 'RGBA'"):
+        image_to_tensor(Image.new("RGBA", (3, 2)))
+    with pytest.raises(ValueError, match="img must be a PIL image of mode 'L' or 'RGB', got str"):
+        image_to_tensor("photo.png")
