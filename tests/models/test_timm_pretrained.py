@@ -184,7 +184,7 @@ def test_pretrained_mismatches_name_the_keys(trained, tmp_path):
         timm_create(pretrained_cfg_overlay=dict(file=str(tmp_path / "li.pth")))
 
 
-def test_pretrained_rgb_stem_adapted_to_other_in_chans(trained, tmp_path):
+def test_pretrained_rgb_stem_adapted_to_other_in_chans(trained, tmp_path, caplog):
     """As timm: in_chans=1 sums the RGB weights (a grey image gives what its RGB copy gave, both
     key layouts), in_chans=6 repeats them at half weight (a 6-channel copy does too), in_chans=4
     repeats R and scales by 3/4."""
@@ -206,6 +206,13 @@ def test_pretrained_rgb_stem_adapted_to_other_in_chans(trained, tmp_path):
     four = timm_create(in_chans=4, pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth")))
     assert torch.equal(four.stem.conv1.weight, torch.cat([rgb, rgb[:, :1]], 1) * 0.75)
     assert torch.equal(four.stem.conv1.bias, model.stem.conv1.bias)
+    # a checkpoint keeping its weights under an entry: adapted too, and the report names the entry
+    torch.save({"model": ours_to_official(model.state_dict()), "epoch": 3}, tmp_path / "wrapped.pth")
+    with caplog.at_level(logging.INFO, logger=integrations.__name__):
+        wrapped = timm_create(in_chans=1, pretrained_cfg_overlay=dict(file=str(tmp_path / "wrapped.pth")))
+    assert torch.equal(wrapped.stem.conv1.weight, rgb.sum(1, keepdim=True))
+    assert "stem.conv1.weight adapted from the checkpoint's 3 image channels to in_chans=1" in caplog.text
+    assert "weights from the checkpoint's 'model' entry" in caplog.text
 
 
 def test_pretrained_safetensors_and_local_dir(trained, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -288,7 +288,8 @@ def compare_state_dict(model: nn.Module, state_dict: Mapping, reset_head: bool =
     return report
 
 
-def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True, reset_head: bool = False) -> LoadReport:
+def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True, reset_head: bool = False,
+                  adapt: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None) -> LoadReport:
     """Load a checkpoint (or state dict) in the authors' layout or this package's into ``model``.
 
     strict: raise ValueError with the report unless every key the model has is in the checkpoint
@@ -297,9 +298,13 @@ def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True, re
     classifier's checkpoint has none of); otherwise load the matching tensors and return the report.
     reset_head: a classifier Linear of another num_classes than the checkpoint's keeps its
     initialisation (reported) instead of failing as a shape mismatch.
+    adapt: a function applied to the state dict once it has this package's names, before it is
+    compared with the model (timm's input-channel adaptation of the stem).
     """
     entry = checkpoint_entry(checkpoint) if isinstance(checkpoint, Mapping) else None
     converted = official_to_ours(checkpoint, keep_unknown=True)
+    if adapt is not None:
+        converted = adapt(converted)
     report = compare_state_dict(model, converted, reset_head=reset_head)
     report.entry = entry
     for key in report.missing + report.unexpected + [k for k, _, _ in report.mismatched]:

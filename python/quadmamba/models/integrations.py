@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -37,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from quadmamba.models.config import NUM_STAGES, get_config, list_models
-from quadmamba.models.convert import load_official, official_to_ours
+from quadmamba.models.convert import load_official
 from quadmamba.models.quadmamba import QuadMamba, create_model
 
 _logger = logging.getLogger(__name__)
@@ -144,10 +145,9 @@ def _load_pretrained(name: str, model: QuadMamba, cfg: dict, num_classes_given: 
     does not match raises ValueError naming the keys. A model with other image channels than the
     checkpoint's RGB stem gets that stem adapted, as timm does (_adapt_input_conv)."""
     state, where = _read_weights(name, cfg)
-    adapted = _adapt_input_conv(name, model, state)
-    state = state if adapted is None else adapted
     try:
-        report = load_official(model, state, strict=True, reset_head=True)
+        report = load_official(model, state, strict=True, reset_head=True,
+                               adapt=functools.partial(_adapt_input_conv, name, model))
     except ValueError as exc:
         raise ValueError(f"{name}: the pretrained weights ({where}) do not fit the model: {exc}") from None
     if "head.fc.weight" in report.initialised and not num_classes_given:
@@ -157,21 +157,18 @@ def _load_pretrained(name: str, model: QuadMamba, cfg: dict, num_classes_given: 
     _logger.info("%s: loaded pretrained weights (%s)\n%s", name, where, report)
 
 
-def _adapt_input_conv(name: str, model: QuadMamba, checkpoint: Mapping) -> Optional[dict]:
-    """The checkpoint's state dict (in this package's layout) with its first convolution's RGB
-    weights (C, 3, k, k) adapted to the model's in_chans, as timm's adapt_input_conv: one channel
-    takes their sum (a grey image then gives what its RGB copy gave); c > 3 channels (or 2)
-    repeat R, G, B cyclically, scaled by 3 / c (for c a multiple of 3, a c-channel copy of a
-    grey image gives what its RGB copy gave). None where there is nothing to adapt (an RGB
-    model: the checkpoint is not converted here)."""
+def _adapt_input_conv(name: str, model: QuadMamba, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A state dict in this package's layout with its first convolution's RGB weights
+    (C, 3, k, k) adapted to the model's in_chans, as timm's adapt_input_conv: one channel takes
+    their sum (a grey image then gives what its RGB copy gave); c > 3 channels (or 2) repeat
+    R, G, B cyclically, scaled by 3 / c (for c a multiple of 3, a c-channel copy of a grey image
+    gives what its RGB copy gave). The state dict itself where there is nothing to adapt (an RGB
+    model, or no RGB stem weight: the comparison with the model then reports it)."""
     in_chans = model.config.in_chans
-    if in_chans == 3:
-        return None
     key = "stem.conv1.weight"
-    state = official_to_ours(checkpoint, keep_unknown=True)
     weight = state.get(key)
-    if weight is None or weight.dim() != 4 or weight.shape[1] != 3:
-        return None
+    if in_chans == 3 or weight is None or weight.dim() != 4 or weight.shape[1] != 3:
+        return state
     if in_chans == 1:
         adapted = weight.sum(dim=1, keepdim=True)
     else:
