@@ -5,8 +5,12 @@ to channel-first around themselves.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
@@ -36,6 +40,24 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """True when x is a plain CPU tensor in eager PyTorch: no CPU autocast, no graph capture
+    (torch.compile / export, tracing), no dispatch mode (fake tensors, FlopCounterMode) and no
+    torch.func transform. The CPU fast paths below run only then (Linear's oneDNN route; with
+    autograd off too, map_tokens' chunks); everything else sees plain PyTorch ops."""
+    # The flags first: under graph capture the sizes are symbolic, and looking at them would
+    # add guards on them (torch.export with a dynamic batch would then bound the batch).
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
+                or torch._C._are_functorch_transforms_active()
+                or type(x) is not torch.Tensor or x.device.type != "cpu")
+
+
+def eager_cpu_inference(x: torch.Tensor) -> bool:
+    """eager_cpu(x), with autograd not recording."""
+    return not torch.is_grad_enabled() and eager_cpu(x)
+
+
 INFERENCE_CHUNK_TOKENS = 2048
 """Tokens per chunk of map_tokens in CPU inference (0: never chunk)."""
 
@@ -56,10 +78,7 @@ def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
     capture (torch.compile / export, tracing).
     """
     chunk = INFERENCE_CHUNK_TOKENS
-    # The flags first: under graph capture the sizes are symbolic, and comparing them would
-    # add a guard on them (torch.export with a dynamic batch would then bound the batch).
-    if (chunk <= 0 or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or x.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+    if chunk <= 0 or not eager_cpu_inference(x):
         return fn(x)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if tokens <= chunk:
@@ -81,22 +100,116 @@ def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape[:-1] + out.shape[1:])
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_linear_works() -> bool:
+    """Whether this torch build has oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise,
+    the op Inductor's CPU backend calls) and it computes GELU(x W^T + b) and x W^T as F.linear
+    does; checked once on a small problem, so that a build without it, or with another
+    signature, falls back to F.linear instead of failing."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=gen) for shape in ((5, 7), (16, 7), (16,)))
+    try:
+        with torch.no_grad():
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+            y0 = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except (RuntimeError, TypeError):
+        return False
+    return (torch.allclose(y, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-6)
+            and torch.allclose(y0, F.linear(x, w), rtol=1e-5, atol=1e-6))
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b through oneDNN, for training. Backward:
+        dx = dy W        (oneDNN again: a linear with weight W^T)
+        dW = dy^T x      (torch.mm: oneDNN's linear is slower for this long reduction)
+        db = sum over tokens of dy
+    Under create_graph the backward is written in differentiable torch ops instead, so that
+    double backward works as through F.linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dx = dw = db = None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if need_x:
+            dx = (dy @ weight if torch.is_grad_enabled()
+                  else torch.ops.mkldnn._linear_pointwise(dy, weight.t(), None, "none", [], ""))
+        if need_w:
+            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+        if need_b and ctx.has_bias:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, init and state-dict keys), optionally with the exact GELU
+    after it: y = x W^T + b, or GELU(y) with ``gelu=True``.
+
+    With ``fused=True``, float32 CPU work in eager PyTorch (see eager_cpu) goes through
+    oneDNN's fused linear: in inference with the GELU applied on the product's tiles while
+    they are in cache, in training through _OneDNNLinear (then F.gelu). On AVX-512 CPUs where
+    PyTorch's float32 matmul (MKL's sgemm) runs its AVX2 code, as on the AMD machine of the
+    README, oneDNN's AVX-512 kernels take about half the time of F.linear at the models'
+    shapes (README, Performance). The same numbers up to the order of summation. Layers with
+    fewer than 16 outputs (the score predictor's last), products under 2^21 multiply-adds
+    (tokens x in x out; oneDNN's per-call cost is larger, measured slower below about 1-2
+    million) and everything else (autocast, CUDA, float64, graph capture, torch.func) take
+    F.linear. ``fused=False`` always takes
+    F.linear (+ F.gelu): the plain-PyTorch model.
+    """
+
+    MIN_FUSED_OUTPUTS = 16
+    MIN_FUSED_MACS = 1 << 21
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 gelu: bool = False, fused: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.gelu = bool(gelu)
+        self.fused = bool(fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if (self.fused and self.out_features >= self.MIN_FUSED_OUTPUTS and eager_cpu(x)
+                and x.numel() * self.out_features >= self.MIN_FUSED_MACS
+                and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and onednn_linear_works()):
+            if not torch.is_grad_enabled():
+                return torch.ops.mkldnn._linear_pointwise(
+                    x, weight, bias, *(("gelu", [], "none") if self.gelu else ("none", [], "")))
+            y = _OneDNNLinear.apply(x, weight, bias)
+        else:
+            y = F.linear(x, weight, bias)
+        return F.gelu(y) if self.gelu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", gelu=True" if self.gelu else "") + ("" if self.fused else ", fused=False")
+
+
 class Mlp(nn.Module):
-    """Linear(C, hidden) -> GELU -> Linear(hidden, C), on the last axis.
+    """Linear(C, hidden) -> GELU -> Linear(hidden, C), on the last axis (the GELU inside fc1).
 
     Args:
         dim: input and output width C.
         hidden_dim: hidden width (mlp_ratio * C).
+        fused: the Linears' oneDNN route on the CPU (see Linear); False: plain PyTorch.
     """
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, *, fused: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = Linear(dim, hidden_dim, gelu=True, fused=fused)
+        self.fc2 = Linear(hidden_dim, dim, fused=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x))
 
 
 class Stem(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quadmamba.layers.common import map_tokens
+from quadmamba.layers.common import Linear, map_tokens
 from quadmamba.layers.kernels import ScanOps
 from quadmamba.layers.predictor import QuadDecision, ScorePredictor
 
@@ -80,7 +80,8 @@ class _SSMBase(nn.Module):
         self.num_directions = num_directions
         self.ops = ops
         k = num_directions
-        self.in_proj = nn.Linear(dim, inner, bias=False)
+        fused = ops.kernels == "fused"
+        self.in_proj = Linear(dim, inner, bias=False, fused=fused)
         self.conv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner, bias=False)
         self.act = nn.SiLU()
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, inner))
@@ -90,7 +91,7 @@ class _SSMBase(nn.Module):
         self.Ds = nn.Parameter(torch.empty(k * inner))
         self.scan = SelectiveScan(ops.selective_scan)
         self.out_norm = nn.LayerNorm(inner)
-        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.out_proj = Linear(inner, dim, bias=False, fused=fused)
         init_ssm_(self)
 
     def _project_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class QuadSS2D(_SSMBase):
         self.quad_scan = quad_scan
         self.compat = compat
         self.order = "official" if compat == "official" else "quadtree"
-        self.predictor = ScorePredictor(self.inner)
+        self.predictor = ScorePredictor(self.inner, fused=ops.kernels == "fused")
         self.decide = QuadDecision(gumbel_tau, stochastic_eval=compat == "official")
 
     def shift_amount(self, height: int, width: int) -> Tuple[int, int]:

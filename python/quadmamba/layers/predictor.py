@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quadmamba.layers.common import map_tokens
+from quadmamba.layers.common import Linear, map_tokens
 
 
 class ScorePredictor(nn.Module):
@@ -17,27 +17,25 @@ class ScorePredictor(nn.Module):
 
     Args:
         dim: inner width D.
+        fused: the Linears' oneDNN route on the CPU (see quadmamba.layers.common.Linear).
 
     Input (B, D, H, W) channel-first; output s (B, H, W), the log-probability of "local".
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, *, fused: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, dim)
-        self.fc2 = nn.Linear(dim, dim // 2)
-        self.fc3 = nn.Linear(dim // 2, dim // 4)
-        self.fc4 = nn.Linear(dim // 4, 2)
-        self.act = nn.GELU()
+        self.fc1 = Linear(dim, dim, gelu=True, fused=fused)               # GELUs inside fc1..fc3
+        self.fc2 = Linear(dim, dim // 2, gelu=True, fused=fused)
+        self.fc3 = Linear(dim // 2, dim // 4, gelu=True, fused=fused)
+        self.fc4 = Linear(dim // 4, 2, fused=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return map_tokens(self._score, x.permute(0, 2, 3, 1))
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (...), token by token."""
-        x = self.act(self.fc1(self.norm(x)))
-        x = self.act(self.fc2(x))
-        x = self.act(self.fc3(x))
+        x = self.fc3(self.fc2(self.fc1(self.norm(x))))
         return F.log_softmax(self.fc4(x), dim=-1)[..., 0]
 
 

@@ -31,7 +31,8 @@ class QuadMambaConfig:
         drop_rate: dropout on the pooled features before the classifier's Linear (timm's
             ``drop_rate``); 0 in the paper.
         compat: "paper" | "official" (the authors' code, spec 3.6).
-        kernels: "fused" | "reference" (plain-PyTorch ops).
+        kernels: "fused" | "reference" (plain-PyTorch ops; F.linear for every Linear, where
+            "fused" routes float32 CPU Linears through oneDNN, see quadmamba.layers.common.Linear).
         quad_scan: "quadtree" | "raster" (ablation).
         gumbel_tau: Gumbel-softmax temperature of the quadrant decision.
         features_only: build the dense backbone (per-stage normed maps, no head).
