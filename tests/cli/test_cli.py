@@ -197,6 +197,8 @@ def test_info_lists_variants_and_kernels(capsys):
     assert "0.821" in out, out
     assert "compiled core: yes" in out and "reference kernels" in out, out
     assert re.search(r"CPU instruction sets: selective scan (avx512|avx2|portable), quad scan (avx|sse2|portable)", out), out
+    from quadmamba.layers.common import onednn_linear_works
+    assert ("float32 CPU Linears of the fused models: " + ("oneDNN" if onednn_linear_works() else "F.linear")) in out, out
 
 
 @pytest.mark.parametrize("env,scan,quad", [
