@@ -112,10 +112,11 @@ def test_double_backward_through_the_onednn_route(any_size):
     assert torch.allclose(got_w, layer.weight.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")   # mkldnn.flags' note
 @pytest.mark.parametrize("gelu", [False, True])
 def test_everything_else_is_f_linear(any_size, gelu):
-    """Autocast, float64, fused=False, narrow outputs, FLOP counting, torch.func: plain
-    PyTorch, bitwise, with autocast's dtype and the counted FLOPs."""
+    """Autocast, float64, fused=False, narrow outputs, FLOP counting, torch.func, oneDNN turned
+    off: plain PyTorch, bitwise, with autocast's dtype and the counted FLOPs."""
     torch.manual_seed(2)
     layer = Linear(24, 40, gelu=gelu)
     x = torch.randn(9, 24)
@@ -147,6 +148,10 @@ def test_everything_else_is_f_linear(any_size, gelu):
         with FlopCounterMode(display=False) as counter:
             layer(x)
         assert counter.get_total_flops() == 2 * 9 * 24 * 40
+
+        with torch.backends.mkldnn.flags(enabled=False):
+            y, ops = _ops_called(layer, x)
+            assert ONEDNN not in ops and torch.equal(y, _expected(layer, x))
 
 
 @needs_onednn

@@ -162,9 +162,9 @@ class Linear(nn.Linear):
     shapes (README, Performance). The same numbers up to the order of summation. Layers with
     fewer than 16 outputs (the score predictor's last), products under 2^21 multiply-adds
     (tokens x in x out; oneDNN's per-call cost is larger, measured slower below about 1-2
-    million) and everything else (autocast, CUDA, float64, graph capture, torch.func) take
-    F.linear. ``fused=False`` always takes
-    F.linear (+ F.gelu): the plain-PyTorch model.
+    million) and everything else (autocast, CUDA, float64, graph capture, torch.func, oneDNN
+    turned off with torch.backends.mkldnn.flags(enabled=False)) take F.linear.
+    ``fused=False`` always takes F.linear (+ F.gelu): the plain-PyTorch model.
     """
 
     MIN_FUSED_OUTPUTS = 16
@@ -181,7 +181,7 @@ class Linear(nn.Linear):
         if (self.fused and self.out_features >= self.MIN_FUSED_OUTPUTS and eager_cpu(x)
                 and x.numel() * self.out_features >= self.MIN_FUSED_MACS
                 and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
-                and onednn_linear_works()):
+                and torch.backends.mkldnn.enabled and onednn_linear_works()):
             if not torch.is_grad_enabled():
                 return torch.ops.mkldnn._linear_pointwise(
                     x, weight, bias, *(("gelu", [], "none") if self.gelu else ("none", [], "")))
