@@ -166,10 +166,15 @@ def test_small_products_take_f_linear():
             assert torch.allclose(y, _expected(layer, x), rtol=1e-5, atol=1e-5)
 
 
-def test_eager_cpu_inference_flags():
+def test_eager_cpu_inference_flags(monkeypatch):
     x = torch.randn(3, 4)
     assert eager_cpu_inference(x) is False and eager_cpu(x) is True  # grad mode on
     assert torch.func.vmap(lambda t: torch.tensor(float(eager_cpu(t))))(x).tolist() == [0.0] * 3
+    # a torch without the transforms probe: the wrapped tensor tells
+    monkeypatch.delattr(torch._C, "_are_functorch_transforms_active")
+    assert eager_cpu(x) is True
+    assert torch.func.vmap(lambda t: torch.tensor(float(eager_cpu(t))))(x).tolist() == [0.0] * 3
+    monkeypatch.undo()
     with torch.no_grad():
         assert eager_cpu_inference(x) is True
         assert eager_cpu_inference(nn.Parameter(x)) is False         # a subclass

@@ -40,6 +40,14 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+def _functorch_active(x: torch.Tensor) -> bool:
+    """A torch.func transform (vmap, grad, ...) is running (older torch: x is one's wrapper)."""
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if probe is not None:
+        return probe()
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def eager_cpu(x: torch.Tensor) -> bool:
     """True when x is a plain CPU tensor in eager PyTorch: no CPU autocast, no graph capture
     (torch.compile / export, tracing), no dispatch mode (fake tensors, FlopCounterMode) and no
@@ -49,7 +57,7 @@ def eager_cpu(x: torch.Tensor) -> bool:
     # add guards on them (torch.export with a dynamic batch would then bound the batch).
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None
-                or torch._C._are_functorch_transforms_active()
+                or _functorch_active(x)
                 or type(x) is not torch.Tensor or x.device.type != "cpu")
 
 
