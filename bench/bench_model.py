@@ -95,6 +95,10 @@ def main(argv=None) -> None:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
           + f", image {args.img_size}x{args.img_size}, autocast {args.amp}")
+    if device.type == "cpu" and args.amp == "none":
+        from quadmamba.layers.common import onednn_linear_works
+        print("float32 Linears: fused " + ("oneDNN" if onednn_linear_works() else "F.linear (no oneDNN fused linear)")
+              + ", reference F.linear")
     ratios = [k for k in kernels if k != "reference"] if "reference" in kernels else []
     header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(f"{k + ' img/s':>18}" for k in kernels)
     header += "".join(f"{k + '/ref':>14}" for k in ratios)
