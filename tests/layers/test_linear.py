@@ -7,7 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from quadmamba.layers.common import Linear, Mlp, eager_cpu, eager_cpu_inference, onednn_linear_works
+from quadmamba.layers.common import (
+    Linear, Mlp, _OneDNNLinear, eager_cpu, eager_cpu_inference, onednn_linear_works,
+)
 from quadmamba.layers.predictor import ScorePredictor
 
 ONEDNN = "mkldnn::_linear_pointwise"
@@ -21,10 +23,10 @@ def any_size(monkeypatch):
 
 
 def _ops_called(fn, *args):
-    """(result, names of the aten/mkldnn ops the call ran)."""
+    """(result, {name: calls} of the aten/mkldnn ops the call ran)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = fn(*args)
-    return out, {event.key for event in prof.key_averages()}
+    return out, {event.key: event.count for event in prof.key_averages()}
 
 
 def _expected(layer, x):
@@ -60,9 +62,11 @@ def test_inference_takes_onednn_and_matches_f_linear(any_size, gelu, bias):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dw_route", ["mm", "onednn"])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_training_takes_onednn_with_f_linear_gradients(any_size, gelu, bias):
+def test_training_takes_onednn_with_f_linear_gradients(any_size, monkeypatch, dw_route, gelu, bias):
+    monkeypatch.setattr(_OneDNNLinear, "MIN_ONEDNN_DW_INPUTS", 0 if dw_route == "onednn" else 10**9)
     torch.manual_seed(2)
     layer = Linear(24, 40, bias=bias, gelu=gelu)
     ref = nn.Linear(24, 40, bias=bias)
@@ -77,7 +81,9 @@ def test_training_takes_onednn_with_f_linear_gradients(any_size, gelu, bias):
         assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5), name
         layer.zero_grad()
         ref.zero_grad()
-        y.backward(dy)
+        _, backward_ops = _ops_called(y.backward, dy)                # dx, and dW on "onednn"
+        expected = 2 if dw_route == "onednn" and x.numel() else 1          # no tokens: torch.mm
+        assert backward_ops.get(ONEDNN, 0) == expected, (name, backward_ops)
         y_ref.backward(dy)
         pairs = [(x.grad, x_ref.grad), (layer.weight.grad, ref.weight.grad)]
         pairs += [(layer.bias.grad, ref.bias.grad)] if bias else []
@@ -115,8 +121,9 @@ def test_double_backward_through_the_onednn_route(any_size):
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")   # mkldnn.flags' note
 @pytest.mark.parametrize("gelu", [False, True])
 def test_everything_else_is_f_linear(any_size, gelu):
-    """Autocast, float64, fused=False, narrow outputs, FLOP counting, torch.func, oneDNN turned
-    off: plain PyTorch, bitwise, with autocast's dtype and the counted FLOPs."""
+    """Autocast, float64, fused=False, narrow outputs, FLOP counting, torch.func, a strided
+    bias, oneDNN turned off: plain PyTorch, bitwise, with autocast's dtype and the counted
+    FLOPs."""
     torch.manual_seed(2)
     layer = Linear(24, 40, gelu=gelu)
     x = torch.randn(9, 24)
@@ -148,6 +155,11 @@ def test_everything_else_is_f_linear(any_size, gelu):
         with FlopCounterMode(display=False) as counter:
             layer(x)
         assert counter.get_total_flops() == 2 * 9 * 24 * 40
+
+        strided = Linear(24, 40, gelu=gelu)                             # a bias oneDNN misreads
+        strided.bias = nn.Parameter(torch.randn(80)[::2])
+        y, ops = _ops_called(strided, x)
+        assert ONEDNN not in ops and torch.equal(y, _expected(strided, x))
 
         with torch.backends.mkldnn.flags(enabled=False):
             y, ops = _ops_called(layer, x)
