@@ -179,8 +179,9 @@ class Linear(nn.Linear):
     shapes (README, Performance). The same numbers up to the order of summation. Layers with
     fewer than 16 outputs (the score predictor's last), products under 2^21 multiply-adds
     (tokens x in x out; oneDNN's per-call cost is larger, measured slower below about 1-2
-    million) and everything else (autocast, CUDA, float64, graph capture, torch.func, oneDNN
-    turned off with torch.backends.mkldnn.flags(enabled=False)) take F.linear.
+    million) and everything else (autocast, CUDA, float64, graph capture, torch.func, a bias
+    that is not a contiguous float32 tensor, oneDNN turned off with
+    torch.backends.mkldnn.flags(enabled=False)) take F.linear.
     ``fused=False`` always takes F.linear (+ F.gelu): the plain-PyTorch model.
     """
 
