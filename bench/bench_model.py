@@ -4,11 +4,15 @@ the plain-PyTorch reference kernels, measured side by side in one run.
     python bench/bench_model.py --variants t --batches 1 16 --device cpu
     python bench/bench_model.py --variants li t s b --batches 1 16 --device cuda --img-size 224
     python bench/bench_model.py --variants t --kernels fused compiled reference
+    python bench/bench_model.py --variants t --kernels fused fused-flinear reference
 
 Columns: images/s per kernel set and each set's ratio to the reference. The kernel sets are timed
 in turns (one call of each per round, median of the rounds), so drifts of the machine reach
 every set alike. A training step is forward + cross-entropy backward + SGD step in train mode
-(Gumbel decisions).
+(Gumbel decisions). Kernel sets: fused (the package's kernels; on the CPU its float32 Linears
+through oneDNN, see quadmamba.layers.common.Linear), fused-flinear (the same model with every
+Linear on F.linear: the oneDNN route's share), compiled (fused under torch.compile), reference
+(the plain-PyTorch ops and F.linear).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ _SOURCE = Path(__file__).resolve().parents[1] / "python"
 if any((_SOURCE / "quadmamba").glob("_C*")):
     sys.path.insert(0, str(_SOURCE))
 import quadmamba  # noqa: E402
+from quadmamba.layers.common import Linear, onednn_linear_works  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import time_interleaved  # noqa: E402
@@ -32,9 +37,14 @@ from _timing import time_interleaved  # noqa: E402
 
 def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torch.device):
     """One inference call or one training step of a fresh model (seed 0) on a random batch.
-    kernels "compiled": the fused model under torch.compile (compiled during the warm-up)."""
+    kernels "compiled": the fused model under torch.compile (compiled during the warm-up);
+    "fused-flinear": the fused model with its Linears on F.linear."""
     torch.manual_seed(0)
-    model = quadmamba.create_model(name, kernels="fused" if kernels == "compiled" else kernels).to(device)
+    model = quadmamba.create_model(name, kernels="reference" if kernels == "reference" else "fused").to(device)
+    if kernels == "fused-flinear":
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.fused = False
     if kernels == "compiled":
         torch._dynamo.reset()  # a fresh compile per row (no recompile limit reached across rows)
         model = torch.compile(model)
@@ -70,9 +80,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--kernels", nargs="+", default=["fused", "reference"],
-                        choices=["fused", "reference", "compiled"],
-                        help="kernel sets; compiled: the fused model under torch.compile (the reference "
-                             "model's step-by-step scans are not practical to compile)")
+                        choices=["fused", "fused-flinear", "reference", "compiled"],
+                        help="kernel sets; fused-flinear: the fused model with its Linears on F.linear; "
+                             "compiled: the fused model under torch.compile (the reference model's "
+                             "step-by-step scans are not practical to compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
@@ -96,12 +107,13 @@ def main(argv=None) -> None:
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
           + f", image {args.img_size}x{args.img_size}, autocast {args.amp}")
     if device.type == "cpu" and args.amp == "none":
-        from quadmamba.layers.common import onednn_linear_works
         print("float32 Linears: fused " + ("oneDNN" if onednn_linear_works() else "F.linear (no oneDNN fused linear)")
-              + ", reference F.linear")
+              + "; compiled, fused-flinear and reference F.linear")
     ratios = [k for k in kernels if k != "reference"] if "reference" in kernels else []
-    header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(f"{k + ' img/s':>18}" for k in kernels)
-    header += "".join(f"{k + '/ref':>14}" for k in ratios)
+    width = {k: max(18, len(k) + 8) for k in kernels}                 # columns: images/s, ratio
+    ratio_width = {k: max(14, len(k) + 6) for k in ratios}
+    header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(f"{k + ' img/s':>{width[k]}}" for k in kernels)
+    header += "".join(f"{k + '/ref':>{ratio_width[k]}}" for k in ratios)
     print(header)
     print("-" * len(header))
     for name in names:
@@ -110,8 +122,9 @@ def main(argv=None) -> None:
                 steps = {k: make_step(name, k, batch, mode, args, device) for k in kernels}
                 seconds = time_interleaved(steps, device, warmup=args.warmup, reps=args.iters,
                                            max_seconds=args.max_seconds)
-                line = f"{name:<16}{batch:>6} {mode:<6}" + "".join(f"{batch / seconds[k]:>18.2f}" for k in kernels)
-                line += "".join(f"{seconds['reference'] / seconds[k]:>13.2f}x" for k in ratios)
+                line = f"{name:<16}{batch:>6} {mode:<6}" + "".join(f"{batch / seconds[k]:>{width[k]}.2f}"
+                                                                    for k in kernels)
+                line += "".join(f"{seconds['reference'] / seconds[k]:>{ratio_width[k] - 1}.2f}x" for k in ratios)
                 print(line, flush=True)
 
 
