@@ -213,6 +213,12 @@ def test_info_reports_the_paths_held_back_by_the_environment(env, scan, quad):
         proc.stdout
 
 
+def test_info_reports_the_linear_route_held_back_by_the_environment():
+    proc = run_cli("info", "--model", "quadmamba_nano", env={"QUADMAMBA_ONEDNN_LINEAR": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "float32 CPU Linears of the fused models: F.linear (QUADMAMBA_ONEDNN_LINEAR=0)" in proc.stdout, proc.stdout
+
+
 def test_ablation_trains_both_scans(tmp_path, capsys):
     out = tmp_path / "abl"
     code, stdout, err = run_main(capsys, "ablation", *TINY, "--epochs", 1, "--output", out)

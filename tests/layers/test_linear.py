@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from quadmamba.layers.common import (
-    Linear, Mlp, _OneDNNLinear, eager_cpu, eager_cpu_inference, onednn_linear_works,
+    ONEDNN_LINEAR_ENV, Linear, Mlp, _OneDNNLinear, eager_cpu, eager_cpu_inference, onednn_linear_works,
 )
 from quadmamba.layers.predictor import ScorePredictor
 
@@ -176,6 +176,23 @@ def test_small_products_take_f_linear():
             y, ops = _ops_called(layer, x)
             assert (ONEDNN in ops) == routed, n
             assert torch.allclose(y, _expected(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_environment_turns_the_route_off(any_size, monkeypatch):
+    layer = Linear(24, 40, gelu=True)
+    x = torch.randn(9, 24)
+    monkeypatch.setenv(ONEDNN_LINEAR_ENV, "0")
+    onednn_linear_works.cache_clear()
+    try:
+        assert onednn_linear_works() is False
+        with torch.no_grad():
+            y, ops = _ops_called(layer, x)
+        assert ONEDNN not in ops and torch.equal(y, _expected(layer, x))
+    finally:
+        monkeypatch.undo()
+        onednn_linear_works.cache_clear()
+    assert onednn_linear_works() is True
 
 
 def test_eager_cpu_inference_flags(monkeypatch):

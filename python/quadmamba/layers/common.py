@@ -6,6 +6,7 @@ to channel-first around themselves.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn as nn
@@ -108,12 +109,19 @@ def map_tokens(fn, x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape[:-1] + out.shape[1:])
 
 
+ONEDNN_LINEAR_ENV = "QUADMAMBA_ONEDNN_LINEAR"
+"""Set to 0 to keep every Linear on F.linear (read once per process, by onednn_linear_works)."""
+
+
 @functools.lru_cache(maxsize=None)
 def onednn_linear_works() -> bool:
-    """Whether this torch build has oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise,
-    the op Inductor's CPU backend calls) and it computes GELU(x W^T + b) and x W^T as F.linear
-    does; checked once on a small problem, so that a build without it, or with another
-    signature, falls back to F.linear instead of failing."""
+    """Whether Linear's oneDNN route is on: not turned off by QUADMAMBA_ONEDNN_LINEAR=0, and this
+    torch build has oneDNN's fused linear (torch.ops.mkldnn._linear_pointwise, the op Inductor's
+    CPU backend calls) computing GELU(x W^T + b) and x W^T as F.linear does; checked once on a
+    small problem, so that a build without it, or with another signature, falls back to
+    F.linear instead of failing."""
+    if os.environ.get(ONEDNN_LINEAR_ENV, "1").strip() == "0":
+        return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     gen = torch.Generator().manual_seed(0)
