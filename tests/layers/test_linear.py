@@ -237,3 +237,25 @@ def test_mlp_and_predictor_fused_equal_plain(any_size):
             want, plain_ops = _ops_called(plain.eval(), x)
         assert ONEDNN in ops and ONEDNN not in plain_ops
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+@needs_onednn
+def test_models_route_every_wide_linear_and_the_reference_none(any_size):
+    """A fused model sends each of its Linears with >= 16 outputs (MLPs, predictors, in_proj,
+    out_proj) through oneDNN once per forward; the plain-PyTorch model none; same logits."""
+    import quadmamba
+
+    torch.manual_seed(6)
+    fused = quadmamba.create_model("quadmamba_nano", num_classes=10).eval()
+    plain = quadmamba.create_model("quadmamba_nano", num_classes=10, kernels="reference").eval()
+    plain.load_state_dict(fused.state_dict())
+    wide = [m for m in fused.modules() if isinstance(m, Linear) and m.out_features >= Linear.MIN_FUSED_OUTPUTS]
+    assert all(m.fused for m in wide) and not any(m.fused for m in plain.modules() if isinstance(m, Linear))
+    owners = {name.rsplit(".", 1)[-1] for name, m in fused.named_modules() if m in wide}
+    assert owners == {"fc1", "fc2", "in_proj", "out_proj"}, owners    # nano's predictor fc3: < 16 outputs
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, ops = _ops_called(fused, x)
+        want, plain_ops = _ops_called(plain, x)
+    assert ops.get(ONEDNN, 0) == len(wide) and ONEDNN not in plain_ops, (ops.get(ONEDNN), len(wide))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
