@@ -185,6 +185,9 @@ def test_bench_prints_both_kernel_sets(capsys):
     assert ref and float(ref.group(1)) > 0 and float(ref.group(2)) > 0, out
     assert re.search(r"^fused\s+", out, re.M), out
     assert "fused speed-up over reference:" in out
+    from quadmamba.layers.common import onednn_linear_works
+    route = "oneDNN (products of 2^21 multiply-adds and more)" if onednn_linear_works() else "F.linear"
+    assert f"float32 Linears: fused {route}, reference F.linear" in out, out
 
 
 def test_info_lists_variants_and_kernels(capsys):
