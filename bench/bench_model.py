@@ -29,7 +29,7 @@ _SOURCE = Path(__file__).resolve().parents[1] / "python"
 if any((_SOURCE / "quadmamba").glob("_C*")):
     sys.path.insert(0, str(_SOURCE))
 import quadmamba  # noqa: E402
-from quadmamba.layers.common import Linear, onednn_linear_works  # noqa: E402
+from quadmamba.layers.common import Linear, linear_route  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import time_interleaved  # noqa: E402
@@ -107,8 +107,7 @@ def main(argv=None) -> None:
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
           + f", image {args.img_size}x{args.img_size}, autocast {args.amp}")
     if device.type == "cpu" and args.amp == "none":
-        print("float32 Linears: fused " + ("oneDNN (products of 2^21 multiply-adds and more)" if onednn_linear_works() else "F.linear")
-              + "; compiled, fused-flinear and reference F.linear")
+        print(f"float32 Linears: fused {linear_route()}; compiled, fused-flinear and reference F.linear")
     ratios = [k for k in kernels if k != "reference"] if "reference" in kernels else []
     width = {k: max(18, len(k) + 8) for k in kernels}                 # columns: images/s, ratio
     ratio_width = {k: max(14, len(k) + 6) for k in ratios}

@@ -340,9 +340,8 @@ def cmd_bench(args) -> int:
     print(f"{args.model}, batch {args.batch_size}, {args.img_size}x{args.img_size}, {mode}, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if device.type == "cpu" and not args.amp:
-        from quadmamba.layers.common import onednn_linear_works
-        route = "oneDNN (products of 2^21 multiply-adds and more)" if onednn_linear_works() else "F.linear"
-        print(f"float32 Linears: fused {route}, reference F.linear")
+        from quadmamba.layers.common import linear_route
+        print(f"float32 Linears: fused {linear_route()}, reference F.linear")
     results = benchmark(args.model, batch_size=args.batch_size, img_size=args.img_size, device=device,
                         train=args.train, warmup=args.warmup, iters=args.iters, max_seconds=args.max_seconds,
                         amp=args.amp)

@@ -2,7 +2,6 @@
 the models themselves) and which kernels are built and usable."""
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 
@@ -60,14 +59,8 @@ def kernel_status() -> List[str]:
         lines.append(f"CPU instruction sets: selective scan {isa['selective_scan']}, quad scan {isa['quad_scan']} "
                      f"(QUADMAMBA_CPU_NO_AVX512=1 holds the scan at AVX2, QUADMAMBA_CPU_GENERIC=1 turns AVX off, "
                      f"=2 all x86 intrinsics); threads: {torch.get_num_threads()}")
-    from quadmamba.layers.common import ONEDNN_LINEAR_ENV, onednn_linear_works
-    if onednn_linear_works():
-        route = f"oneDNN (torch.ops.mkldnn._linear_pointwise; {ONEDNN_LINEAR_ENV}=0 keeps them on F.linear)"
-    elif os.environ.get(ONEDNN_LINEAR_ENV, "1").strip() == "0":
-        route = f"F.linear ({ONEDNN_LINEAR_ENV}=0)"
-    else:
-        route = "F.linear (this torch build has no working oneDNN fused linear)"
-    lines.append("float32 CPU Linears of the fused models: " + route)
+    from quadmamba.layers.common import linear_route
+    lines.append("float32 CPU Linears of the fused models: " + linear_route())
     lines.append(f"torch {torch.__version__}; CUDA device visible to torch: "
                  f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     lines.append("reference kernels (plain PyTorch): always available")

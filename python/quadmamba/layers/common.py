@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -114,6 +115,16 @@ ONEDNN_LINEAR_ENV = "QUADMAMBA_ONEDNN_LINEAR"
 """Set to 0 to keep every Linear on F.linear (read once per process, by onednn_linear_works)."""
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                   gelu: bool = False) -> torch.Tensor:
+    """x W^T + b, or its exact GELU, through oneDNN's fused linear (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, *(("gelu", [], "none") if gelu else ("none", [], "")))
+
+
+def _onednn_linear_turned_off() -> bool:
+    return os.environ.get(ONEDNN_LINEAR_ENV, "1").strip() == "0"
+
+
 @functools.lru_cache(maxsize=None)
 def onednn_linear_works() -> bool:
     """Whether Linear's oneDNN route is on: not turned off by QUADMAMBA_ONEDNN_LINEAR=0, and this
@@ -121,7 +132,7 @@ def onednn_linear_works() -> bool:
     CPU backend calls) computing GELU(x W^T + b) and x W^T as F.linear does; checked once on a
     small problem, so that a build without it, or with another signature, falls back to
     F.linear instead of failing."""
-    if os.environ.get(ONEDNN_LINEAR_ENV, "1").strip() == "0":
+    if _onednn_linear_turned_off():
         return False
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
@@ -129,12 +140,23 @@ def onednn_linear_works() -> bool:
     x, w, b = (torch.randn(shape, generator=gen) for shape in ((5, 7), (16, 7), (16,)))
     try:
         with torch.no_grad():
-            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-            y0 = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            y = _onednn_linear(x, w, b, gelu=True)
+            y0 = _onednn_linear(x, w)
     except (RuntimeError, TypeError):
         return False
     return (torch.allclose(y, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-6)
             and torch.allclose(y0, F.linear(x, w), rtol=1e-5, atol=1e-6))
+
+
+def linear_route() -> str:
+    """How the fused models' float32 CPU Linears run in this process (``quadmamba info`` and the
+    benchmarks print it)."""
+    if onednn_linear_works():
+        return (f"oneDNN (products of 2^{Linear.MIN_FUSED_MACS.bit_length() - 1} multiply-adds and more; "
+                f"{ONEDNN_LINEAR_ENV}=0: F.linear)")
+    if _onednn_linear_turned_off():
+        return f"F.linear ({ONEDNN_LINEAR_ENV}=0)"
+    return "F.linear (this torch build has no working oneDNN fused linear)"
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -154,7 +176,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -164,10 +186,10 @@ class _OneDNNLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         if need_x:
             dx = (dy @ weight if torch.is_grad_enabled()
-                  else torch.ops.mkldnn._linear_pointwise(dy, weight.t(), None, "none", [], ""))
+                  else _onednn_linear(dy, weight.t()))
         if need_w:
             x2 = x.reshape(-1, x.shape[-1])
-            dw = (torch.ops.mkldnn._linear_pointwise(dy2.t(), x2.t(), None, "none", [], "")
+            dw = (_onednn_linear(dy2.t(), x2.t())
                   if (x2.shape[1] >= _OneDNNLinear.MIN_ONEDNN_DW_INPUTS and x2.shape[0] > 0
                       and not torch.is_grad_enabled())
                   else dy2.t() @ x2)
@@ -212,8 +234,7 @@ class Linear(nn.Linear):
                 and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
                 and torch.backends.mkldnn.enabled and onednn_linear_works()):
             if not torch.is_grad_enabled():
-                return torch.ops.mkldnn._linear_pointwise(
-                    x, weight, bias, *(("gelu", [], "none") if self.gelu else ("none", [], "")))
+                return _onednn_linear(x, weight, bias, self.gelu)
             y = _OneDNNLinear.apply(x, weight, bias)
         else:
             y = F.linear(x, weight, bias)
