@@ -184,6 +184,18 @@ def _check_image(name: str, img, modes: Optional[Sequence[str]] = None) -> None:
         raise ValueError(f"{name} must not be empty, got size {img.size}")
 
 
+def _check_crop_pct(value) -> None:
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"crop_pct must be a number in (0, 1], got {value!r}")
+
+
+def _describe(value) -> str:
+    """What an argument that is not the tensor asked for is: its shape and dtype, or its type."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)} dtype {value.dtype}"
+    return type(value).__name__
+
+
 def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -286,8 +298,7 @@ def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 0.875) -> 
     """
     _check_image("img", img)
     _check_count("size", size)
-    if not _is_number(crop_pct) or not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be a number in (0, 1], got {crop_pct!r}")
+    _check_crop_pct(crop_pct)
     short = math.floor(size / crop_pct)
     w, h = img.size
     if w <= h:
@@ -517,9 +528,7 @@ def random_erasing(image: torch.Tensor, prob: float = 0.25, scale: Sequence[floa
         A new tensor of ``image``'s shape, dtype and device.
     """
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
-        raise ValueError("image must be a (C, H, W) floating-point tensor, got "
-                         + (f"shape {tuple(image.shape)} dtype {image.dtype}" if isinstance(image, torch.Tensor)
-                            else type(image).__name__))
+        raise ValueError(f"image must be a (C, H, W) floating-point tensor, got {_describe(image)}")
     _check_probability("prob", prob)
     s_low, s_high = _check_range("scale", scale)
     r_low, r_high = _check_range("ratio", ratio)
@@ -602,18 +611,14 @@ class MixupCutmix:
 
     def _check(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError("images must be a 4-D (B, C, H, W) tensor, got "
-                             + (f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor)
-                                else type(images).__name__))
+            raise ValueError(f"images must be a 4-D (B, C, H, W) tensor, got {_describe(images)}")
         if not images.is_floating_point():
             raise ValueError(f"images must be a floating-point tensor, got dtype {images.dtype}")
         if images.shape[0] < 1:
             raise ValueError("images must hold at least one sample (B >= 1), got B = 0")
         if (not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point()
                 or labels.is_complex() or labels.dtype == torch.bool):
-            raise ValueError("labels must be a 1-D integer tensor of class indices, got "
-                             + (f"shape {tuple(labels.shape)} dtype {labels.dtype}" if isinstance(labels, torch.Tensor)
-                                else type(labels).__name__))
+            raise ValueError(f"labels must be a 1-D integer tensor of class indices, got {_describe(labels)}")
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must have one entry per image: batch size mismatch, "
                              f"{labels.shape[0]} labels for {images.shape[0]} images")
@@ -678,13 +683,10 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduc
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError("logits must be a (B, K) floating-point tensor, got "
-                         + (f"shape {tuple(logits.shape)} dtype {logits.dtype}" if isinstance(logits, torch.Tensor)
-                            else type(logits).__name__))
+        raise ValueError(f"logits must be a (B, K) floating-point tensor, got {_describe(logits)}")
     if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != tuple(logits.shape):
         raise ValueError(f"targets must be a tensor of the logits' shape {tuple(logits.shape)}, got "
-                         + (f"shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor)
-                            else type(targets).__name__))
+                         f"{_describe(targets)}")
     dtype = torch.promote_types(logits.dtype, torch.float32)
     log_probs = F.log_softmax(logits.to(dtype), dim=-1)
     per_image = -(targets.to(dtype) * log_probs).sum(dim=-1)
@@ -777,8 +779,7 @@ class EvalTransform:
                  crop_pct: float = 0.875):
         _check_count("img_size", img_size)
         self.mean, self.std = _check_stats(in_chans, mean, std)
-        if not _is_number(crop_pct) or not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be a number in (0, 1], got {crop_pct!r}")
+        _check_crop_pct(crop_pct)
         self.img_size = int(img_size)
         self.in_chans = int(in_chans)
         self.crop_pct = float(crop_pct)
