@@ -222,6 +222,9 @@ def test_same_parameters_and_state_dict_as_nn_linear():
     assert list(Linear(6, 20, bias=False).state_dict()) == ["weight"]
     assert repr(layer) == "Linear(in_features=6, out_features=20, bias=True, gelu=True)"
     assert repr(Linear(6, 20, fused=False)) == "Linear(in_features=6, out_features=20, bias=True, fused=False)"
+    for bad in (dict(gelu="no"), dict(fused=1)):
+        with pytest.raises(TypeError, match=f"Linear: {next(iter(bad))} must be a bool"):
+            Linear(6, 20, **bad)
 
 
 @needs_onednn

@@ -324,6 +324,13 @@ def test_load_official_into_trimmed_models_strictly():
     assert sorted(report.unused) == ["head.fc.bias", "head.fc.weight"]
     assert torch.equal(headless.head.norm.weight, whole.head.norm.weight)
 
+    # adapt sees the state dict under this package's names before the comparison
+    seen = []
+    load_official(headless, official, adapt=lambda state: seen.append(sorted(state)) or state)
+    assert seen == [sorted(whole.state_dict())]
+    with pytest.raises(TypeError, match="adapt must be a function of the converted state dict"):
+        load_official(headless, official, adapt="stem")
+
 
 def test_load_official_into_trimmed_models_still_fails_on_real_mismatches():
     from quadmamba.models.convert import load_official, ours_to_official

@@ -221,9 +221,12 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  gelu: bool = False, fused: bool = True):
+        for name, value in (("gelu", gelu), ("fused", fused)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Linear: {name} must be a bool, got {value!r}")
         super().__init__(in_features, out_features, bias=bias)
-        self.gelu = bool(gelu)
-        self.fused = bool(fused)
+        self.gelu = gelu
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias

@@ -301,6 +301,8 @@ def load_official(model: nn.Module, checkpoint: Mapping, strict: bool = True, re
     adapt: a function applied to the state dict once it has this package's names, before it is
     compared with the model (timm's input-channel adaptation of the stem).
     """
+    if adapt is not None and not callable(adapt):
+        raise TypeError(f"adapt must be a function of the converted state dict, or None, got {type(adapt).__name__}")
     entry = checkpoint_entry(checkpoint) if isinstance(checkpoint, Mapping) else None
     converted = official_to_ours(checkpoint, keep_unknown=True)
     if adapt is not None:
