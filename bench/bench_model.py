@@ -5,6 +5,7 @@ the plain-PyTorch reference kernels, measured side by side in one run.
     python bench/bench_model.py --variants li t s b --batches 1 16 --device cuda --img-size 224
     python bench/bench_model.py --variants t --kernels fused compiled reference
     python bench/bench_model.py --variants t --kernels fused fused-flinear reference
+    python bench/bench_model.py --variants t li --batches 16 --compare-allocator
 
 Columns: images/s per kernel set and each set's ratio to the reference. The kernel sets are timed
 in turns (one call of each per round, median of the rounds), so drifts of the machine reach
@@ -12,12 +13,20 @@ every set alike. A training step is forward + cross-entropy backward + SGD step 
 (Gumbel decisions). Kernel sets: fused (the package's kernels; on the CPU its float32 Linears
 through oneDNN, see quadmamba.layers.common.Linear), fused-flinear (the same model with every
 Linear on F.linear: the oneDNN route's share), compiled (fused under torch.compile), reference
-(the plain-PyTorch ops and F.linear).
+(the plain-PyTorch ops and F.linear). On the CPU the run keeps large freed buffers for reuse
+(quadmamba.tune_allocator(), as the quadmamba command does; --allocator default: glibc's
+settings, under which every large buffer page-faults on every call); --compare-allocator times
+each row under both settings, in child processes taking turns.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import resource
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +38,7 @@ _SOURCE = Path(__file__).resolve().parents[1] / "python"
 if any((_SOURCE / "quadmamba").glob("_C*")):
     sys.path.insert(0, str(_SOURCE))
 import quadmamba  # noqa: E402
+from quadmamba.allocator import describe_allocator  # noqa: E402
 from quadmamba.layers.common import Linear, linear_route  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,6 +83,44 @@ def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torc
     return step
 
 
+def compare_allocator(args, names, kernels) -> None:
+    """Each row under glibc's default settings and under quadmamba.tune_allocator(), in child
+    processes taking turns (`--rounds` of each; the median of their medians), with the peak
+    resident memory of each child (model, batch and every kernel set it ran)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    print(f"torch {torch.__version__}, python {platform.python_version()}, CPU "
+          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"image {args.img_size}x{args.img_size}, autocast {args.amp}; {args.rounds} rounds of child processes")
+    print("default: glibc's malloc settings; tuned: quadmamba.tune_allocator()")
+    header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(
+        f"{k + ' img/s default':>{len(k) + 18}}{'tuned':>9}{'tuned/default':>15}" for k in kernels)
+    header += f"{'peak RSS MB default':>21}{'tuned':>8}"
+    print(header)
+    print("-" * len(header))
+    passed = ["--kernels", *kernels, "--img-size", str(args.img_size), "--amp", args.amp, "--warmup",
+              str(args.warmup), "--iters", str(args.iters), "--max-seconds", str(args.max_seconds)]
+    if args.threads:
+        passed += ["--threads", str(args.threads)]
+    for name in names:
+        for batch in args.batches:
+            for mode in args.modes:
+                runs = {"default": [], "tuned": []}
+                for _ in range(args.rounds):
+                    for allocator in runs:
+                        cmd = [sys.executable, __file__, "--child", "--variants", name, "--batches", str(batch),
+                               "--modes", mode, "--allocator", allocator, *passed]
+                        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                        runs[allocator].append(json.loads(out.strip().splitlines()[-1]))
+                line = f"{name:<16}{batch:>6} {mode:<6}"
+                for k in kernels:
+                    sec = {a: statistics.median(r["seconds"][k] for r in runs[a]) for a in runs}
+                    line += (f"{batch / sec['default']:>{len(k) + 18}.2f}{batch / sec['tuned']:>9.2f}"
+                             f"{sec['default'] / sec['tuned']:>14.2f}x")
+                rss = {a: max(r["maxrss_mb"] for r in runs[a]) for a in runs}
+                line += f"{rss['default']:>21.0f}{rss['tuned']:>8.0f}"
+                print(line, flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["li", "t", "s", "b"],
@@ -93,21 +141,43 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="time budget per row (the kernel sets are timed in turns)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
+                        help="tuned (default): quadmamba.tune_allocator(), as the quadmamba command runs; "
+                             "default: glibc's own settings (large buffers page-fault on every call)")
+    parser.add_argument("--compare-allocator", action="store_true",
+                        help="time every row under both allocator settings, in child processes taking turns")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare-allocator: rounds of the child processes")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.allocator == "tuned" and not args.compare_allocator:
+        quadmamba.tune_allocator()
     device = torch.device(args.device)
     names = [v if v.startswith("quadmamba_") else f"quadmamba_{v}" for v in args.variants]
     for name in names:
         if name not in quadmamba.list_models():
             parser.error(f"unknown variant {name!r}; valid: {quadmamba.list_models()}")
     kernels = list(args.kernels)
+    if args.child:   # one row, timed; the parent (--compare-allocator) reads the JSON line
+        (name,), (batch,), (mode,) = names, args.batches, args.modes
+        steps = {k: make_step(name, k, batch, mode, args, device) for k in kernels}
+        seconds = time_interleaved(steps, device, warmup=args.warmup, reps=args.iters, max_seconds=args.max_seconds)
+        print(json.dumps({"seconds": seconds, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+    if args.compare_allocator:
+        if device.type != "cpu":
+            parser.error("--compare-allocator compares CPU allocator settings: use --device cpu")
+        compare_allocator(args, names, kernels)
+        return
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
           + f", image {args.img_size}x{args.img_size}, autocast {args.amp}")
     if device.type == "cpu" and args.amp == "none":
         print(f"float32 Linears: fused {linear_route()}; compiled, fused-flinear and reference F.linear")
+    if device.type == "cpu":
+        print(f"CPU allocator: {describe_allocator()}")
     ratios = [k for k in kernels if k != "reference"] if "reference" in kernels else []
     width = {k: max(18, len(k) + 8) for k in kernels}                 # columns: images/s, ratio
     ratio_width = {k: max(14, len(k) + 6) for k in ratios}

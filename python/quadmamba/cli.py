@@ -342,6 +342,9 @@ def cmd_bench(args) -> int:
     if device.type == "cpu" and not args.amp:
         from quadmamba.layers.common import linear_route
         print(f"float32 Linears: fused {linear_route()}, reference F.linear")
+    if device.type == "cpu":
+        from quadmamba.allocator import describe_allocator
+        print(f"CPU allocator: {describe_allocator()}")
     results = benchmark(args.model, batch_size=args.batch_size, img_size=args.img_size, device=device,
                         train=args.train, warmup=args.warmup, iters=args.iters, max_seconds=args.max_seconds,
                         amp=args.amp)
@@ -378,6 +381,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("QUADMAMBA_TUNE_ALLOCATOR", "1") != "0":
+        from quadmamba.allocator import tune_allocator
+
+        tune_allocator()   # large buffers reused instead of page-faulted on every call
     if os.environ.get("QUADMAMBA_TRACEBACK"):
         return args.func(args)
     import torch

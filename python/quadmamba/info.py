@@ -61,6 +61,8 @@ def kernel_status() -> List[str]:
                      f"=2 all x86 intrinsics); threads: {torch.get_num_threads()}")
     from quadmamba.layers.common import linear_route
     lines.append("float32 CPU Linears of the fused models: " + linear_route())
+    from quadmamba.allocator import describe_allocator
+    lines.append("CPU allocator: " + describe_allocator())
     lines.append(f"torch {torch.__version__}; CUDA device visible to torch: "
                  f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     lines.append("reference kernels (plain PyTorch): always available")

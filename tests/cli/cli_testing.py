@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 from PIL import Image
@@ -13,15 +14,26 @@ TINY = ["--kernels", "reference", "--epochs", "2", "--batch-size", "16", "--trai
         "--test-limit", "32", "--img-size", "32"]
 
 
-def run_cli(*args, cwd=None, timeout=300, env=None):
-    """Run ``python -m quadmamba ARGS`` in a fresh process (``env``: extra variables);
-    returns CompletedProcess."""
-    env = dict(os.environ, **(env or {}))
+def run_cli(*args, cwd=None, timeout=300, env=None, unset=()):
+    """Run ``python -m quadmamba ARGS`` in a fresh process (``env``: extra variables, set after
+    the names in ``unset`` are removed); returns CompletedProcess."""
+    env = dict({k: v for k, v in os.environ.items() if k not in unset}, **(env or {}))
     env["PYTHONPATH"] = os.path.abspath(PYTHON_DIR) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("QUADMAMBA_TRACEBACK", None)
     env["MPLBACKEND"] = "Agg"
     return subprocess.run([sys.executable, "-m", "quadmamba", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def run_main(capsys, *args):
+    """quadmamba.cli.main in this process: (exit code, stdout, stderr). The test process keeps
+    its own allocator settings (the command's tune_allocator is tested in subprocesses)."""
+    from quadmamba import cli
+
+    with mock.patch.dict(os.environ, {"QUADMAMBA_TUNE_ALLOCATOR": "0"}):
+        code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def assert_clean_error(proc, *fragments):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_testing import TINY, assert_clean_error, make_folder, run_cli
+from cli_testing import TINY, assert_clean_error, make_folder, run_cli, run_main
 from quadmamba import cli
 from quadmamba.train import METRIC_COLUMNS, TrainConfig, evaluate_checkpoint, load_checkpoint, run_training
 from quadmamba.visualize import figure_size
@@ -27,13 +27,6 @@ def png_size(path):
     with Image.open(path) as img:
         assert img.format == "PNG", img.format
         return img.size
-
-
-def run_main(capsys, *args):
-    """cli.main in this process: (exit code, stdout, stderr)."""
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_main_error(result, *fragments):
@@ -221,6 +214,23 @@ def test_info_reports_the_linear_route_held_back_by_the_environment():
     proc = run_cli("info", "--model", "quadmamba_nano", env={"QUADMAMBA_ONEDNN_LINEAR": "0"})
     assert proc.returncode == 0, proc.stderr
     assert "float32 CPU Linears of the fused models: F.linear (QUADMAMBA_ONEDNN_LINEAR=0)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, "malloc, tuned: buffers under 1 GiB reused from the heap"),
+    ({"QUADMAMBA_TUNE_ALLOCATOR": "0"}, "malloc defaults: large buffers page-fault on every call"),
+    ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "malloc as set by the environment (MALLOC_MMAP_THRESHOLD_)"),
+])
+def test_info_reports_the_allocator_the_command_runs_with(env, expected):
+    from quadmamba.allocator import _glibc_version
+
+    if _glibc_version() is None:
+        pytest.skip("the C library is not glibc: nothing to tune")
+    proc = run_cli("info", "--model", "quadmamba_nano", env=env,
+                   unset=("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD",
+                          "QUADMAMBA_TUNE_ALLOCATOR"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"CPU allocator: {_glibc_version()} {expected}" in proc.stdout, proc.stdout
 
 
 def test_ablation_trains_both_scans(tmp_path, capsys):

@@ -3,23 +3,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli_testing import TINY, make_folder
+from cli_testing import TINY, make_folder, run_main
 from quadmamba import cli
 from quadmamba.augment import EvalTransform, MixupCutmix
 from quadmamba.data import DataSpec, datasets_for_spec, load_image, normalize, open_image
 from quadmamba.train import TrainConfig, evaluate_checkpoint, load_checkpoint, train_one_epoch
 
 
-def _main(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_imagenet_aug_trains_and_evaluates_on_centre_crops(tmp_path, capsys):
     data = make_folder(tmp_path / "data", n=4, size=40)
     out = tmp_path / "run"
-    code, stdout, err = _main(capsys, "train", "--data", data, "--img-size", 32, "--epochs", 2, "--batch-size", 4,
+    code, stdout, err = run_main(capsys, "train", "--data", data, "--img-size", 32, "--epochs", 2, "--batch-size", 4,
                               "--kernels", "reference", "--aug", "imagenet", "--mixup", 0.8, "--cutmix", 1.0,
                               "--output", out)
     assert code == 0, err
@@ -102,13 +96,13 @@ def test_paper_recipe_defaults_and_overrides():
 ])
 def test_bad_recipe_options_fail_before_anything_is_written(tmp_path, capsys, args, message):
     out = tmp_path / "run"
-    code, _, err = _main(capsys, "train", *TINY, *args, "--output", out)
+    code, _, err = run_main(capsys, "train", *TINY, *args, "--output", out)
     assert code == 1 and message in err, err
     assert not out.exists()
 
 
 def test_resume_refuses_a_recipe(tmp_path, capsys):
-    code, _, err = _main(capsys, "train", "--resume", "--recipe", "paper", "--output", tmp_path / "run")
+    code, _, err = run_main(capsys, "train", "--resume", "--recipe", "paper", "--output", tmp_path / "run")
     assert code == 1 and "drop --recipe" in err, err
 
 
