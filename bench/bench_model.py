@@ -97,8 +97,8 @@ def compare_allocator(args, names, kernels) -> None:
     header += f"{'peak RSS MB default':>21}{'tuned':>8}"
     print(header)
     print("-" * len(header))
-    passed = ["--kernels", *kernels, "--img-size", str(args.img_size), "--amp", args.amp, "--warmup",
-              str(args.warmup), "--iters", str(args.iters), "--max-seconds", str(args.max_seconds)]
+    passed = ["--device", "cpu", "--kernels", *kernels, "--img-size", str(args.img_size), "--amp", args.amp,
+              "--warmup", str(args.warmup), "--iters", str(args.iters), "--max-seconds", str(args.max_seconds)]
     if args.threads:
         passed += ["--threads", str(args.threads)]
     for name in names:
@@ -109,8 +109,11 @@ def compare_allocator(args, names, kernels) -> None:
                     for allocator in runs:
                         cmd = [sys.executable, __file__, "--child", "--variants", name, "--batches", str(batch),
                                "--modes", mode, "--allocator", allocator, *passed]
-                        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-                        runs[allocator].append(json.loads(out.strip().splitlines()[-1]))
+                        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                        if proc.returncode != 0:
+                            sys.exit(f"the {allocator} child of {name}, batch {batch}, {mode} failed:\n"
+                                     f"{proc.stderr[-2000:]}")
+                        runs[allocator].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 line = f"{name:<16}{batch:>6} {mode:<6}"
                 for k in kernels:
                     sec = {a: statistics.median(r["seconds"][k] for r in runs[a]) for a in runs}
@@ -151,8 +154,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.allocator == "tuned" and not args.compare_allocator:
-        quadmamba.tune_allocator()
+        if not quadmamba.tune_allocator() and args.child:
+            sys.exit(f"cannot tune the allocator here: {describe_allocator()}")
     device = torch.device(args.device)
     names = [v if v.startswith("quadmamba_") else f"quadmamba_{v}" for v in args.variants]
     for name in names:
