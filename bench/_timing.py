@@ -65,10 +65,28 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     return 2 * n * 4 / seconds / 1e9
 
 
+def add_allocator_option(parser) -> None:
+    """--allocator tuned|default (see apply_allocator)."""
+    parser.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
+                        help="tuned (default): quadmamba.tune_allocator(), as the quadmamba command runs; "
+                             "default: glibc's own settings (large buffers page-fault on every call)")
+
+
+def apply_allocator(choice: str) -> bool:
+    """Tunes glibc's malloc for this process when choice is "tuned" (quadmamba.tune_allocator);
+    whether it did. environment() names the state either way."""
+    from quadmamba.allocator import tune_allocator
+
+    return choice == "tuned" and tune_allocator()
+
+
 def environment() -> str:
+    from quadmamba.allocator import describe_allocator
+
     lines = [
         f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}",
         f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"CPU allocator: {describe_allocator()}",
     ]
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name()}")

@@ -42,7 +42,7 @@ from quadmamba.allocator import describe_allocator  # noqa: E402
 from quadmamba.layers.common import Linear, linear_route  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import time_interleaved  # noqa: E402
+from _timing import add_allocator_option, apply_allocator, time_interleaved  # noqa: E402
 
 
 def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torch.device):
@@ -144,9 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="time budget per row (the kernel sets are timed in turns)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--allocator", default="tuned", choices=["tuned", "default"],
-                        help="tuned (default): quadmamba.tune_allocator(), as the quadmamba command runs; "
-                             "default: glibc's own settings (large buffers page-fault on every call)")
+    add_allocator_option(parser)
     parser.add_argument("--compare-allocator", action="store_true",
                         help="time every row under both allocator settings, in child processes taking turns")
     parser.add_argument("--rounds", type=int, default=3, help="--compare-allocator: rounds of the child processes")
@@ -156,9 +154,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if args.allocator == "tuned" and not args.compare_allocator:
-        if not quadmamba.tune_allocator() and args.child:
-            sys.exit(f"cannot tune the allocator here: {describe_allocator()}")
+    if not args.compare_allocator and not apply_allocator(args.allocator) and args.allocator == "tuned" and args.child:
+        sys.exit(f"cannot tune the allocator here: {describe_allocator()}")
     device = torch.device(args.device)
     names = [v if v.startswith("quadmamba_") else f"quadmamba_{v}" for v in args.variants]
     for name in names:

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import copy_bandwidth, environment, time_fn  # noqa: E402
+from _timing import add_allocator_option, apply_allocator, copy_bandwidth, environment, time_fn  # noqa: E402
 
 from quadmamba.ops import cross_merge, cross_scan, quad_merge, quad_scan  # noqa: E402
 from quadmamba.ops.reference import cross_merge_ref, cross_scan_ref  # noqa: E402
@@ -116,9 +116,11 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--repeat", type=int, default=15)
+    add_allocator_option(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    apply_allocator(args.allocator)
     device = torch.device(args.device)
     print(environment())
 

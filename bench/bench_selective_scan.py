@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import copy_bandwidth, environment, time_fn  # noqa: E402
+from _timing import add_allocator_option, apply_allocator, copy_bandwidth, environment, time_fn  # noqa: E402
 
 from quadmamba.ops import selective_scan  # noqa: E402
 from quadmamba.ops.reference import project_delta, selective_scan_chunked_ref, selective_scan_ref  # noqa: E402
@@ -190,7 +190,7 @@ def compare_isa(args, reps, min_seconds):
             env = {k: v for k, v in os.environ.items() if k not in ("QUADMAMBA_CPU_GENERIC", "QUADMAMBA_CPU_NO_AVX512")}
             env.update(ISA_ENVS[name])
             cmd = [sys.executable, __file__, "--child-times", "--reps", str(reps), "--min-seconds", str(min_seconds),
-                   "--threads", str(torch.get_num_threads())]
+                   "--threads", str(torch.get_num_threads()), "--allocator", args.allocator]
             if args.only:
                 cmd += ["--only", args.only]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -262,6 +262,7 @@ def main():
                         help="time the low-rank delta (delta_proj) against a matmul and the scan")
     parser.add_argument("--rounds", type=int, default=3, help="--compare-isa: rounds of the child processes")
     parser.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads (default: torch's)")
+    add_allocator_option(parser)
     parser.add_argument("--child-times", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--min-seconds", type=float, default=None, help=argparse.SUPPRESS)
@@ -270,6 +271,7 @@ def main():
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    apply_allocator(args.allocator)
     device = torch.device(args.device)
     torch.manual_seed(0)
     reps = args.reps or (3 if args.quick else 10)
