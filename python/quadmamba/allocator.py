@@ -5,9 +5,10 @@ after frees up to 32 MiB) with fresh pages from the kernel and returns them on f
 forward pass at batch 16 allocates activations of tens of MB per layer, so each call pays
 the page faults (and the kernel's zeroing) of every such buffer again. ``tune_allocator()``
 raises the mmap threshold to 1 GiB and the trim threshold to 2 GiB, so that freed buffers
-stay in the heap and the next call reuses them: on 2 cores QuadMamba-T inference at batch
-16 took 0.29 s instead of 0.38 s, a training step 1.10 s instead of 1.19 s, for a peak
-resident memory 3 % higher (README, Performance). The ``quadmamba`` command calls it
+stay in the heap and the next call reuses them: at batch 16 on 2 cores the models ran
+1.1-1.6x faster (QuadMamba-T inference 0.30 s instead of 0.39 s, a training step 1.05 s
+instead of 1.31 s), and the process holds about its peak memory between calls (README,
+Performance, CPU memory allocator). The ``quadmamba`` command calls it
 (``QUADMAMBA_TUNE_ALLOCATOR=0`` turns that off); the library itself never changes the
 process's allocator unasked.
 
@@ -83,7 +84,7 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
     return True
 
 
-def _mib(n: int) -> str:
+def _size_text(n: int) -> str:
     return f"{n / 2**30:g} GiB" if n >= 2**30 - 1 else f"{n / 2**20:g} MiB"
 
 
@@ -93,8 +94,8 @@ def describe_allocator() -> str:
     if version is None:
         return "not glibc's malloc: nothing to tune"
     if _tuned is not None:
-        return (f"{version} malloc, tuned: buffers under {_mib(_tuned[0])} reused from the heap, "
-                f"up to {_mib(_tuned[1])} of free heap kept (QUADMAMBA_TUNE_ALLOCATOR=0: defaults)")
+        return (f"{version} malloc, tuned: buffers under {_size_text(_tuned[0])} reused from the heap, "
+                f"up to {_size_text(_tuned[1])} of free heap kept (QUADMAMBA_TUNE_ALLOCATOR=0: defaults)")
     setting = _environment_setting()
     if setting is not None:
         return f"{version} malloc as set by the environment ({setting})"
