@@ -83,14 +83,26 @@ def make_step(name: str, kernels: str, batch: int, mode: str, args, device: torc
     return step
 
 
+def time_row(name: str, batch: int, mode: str, kernels, args, device: torch.device) -> dict:
+    """Seconds per call of each kernel set on one row, timed in turns (median of the rounds)."""
+    steps = {k: make_step(name, k, batch, mode, args, device) for k in kernels}
+    return time_interleaved(steps, device, warmup=args.warmup, reps=args.iters, max_seconds=args.max_seconds)
+
+
+def describe_run(args, device: torch.device) -> str:
+    """The first header line: versions, device, image size, autocast."""
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    return (f"torch {torch.__version__}, python {platform.python_version()}, device {device} ({where}), "
+            f"image {args.img_size}x{args.img_size}, autocast {args.amp}")
+
+
 def compare_allocator(args, names, kernels) -> None:
     """Each row under glibc's default settings and under quadmamba.tune_allocator(), in child
     processes taking turns (`--rounds` of each; the median of their medians), with the peak
     resident memory of each child (model, batch and every kernel set it ran)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    print(f"torch {torch.__version__}, python {platform.python_version()}, CPU "
-          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"image {args.img_size}x{args.img_size}, autocast {args.amp}; {args.rounds} rounds of child processes")
+    print(f"{describe_run(args, torch.device('cpu'))}; {args.rounds} rounds of child processes")
     print("default: glibc's malloc settings; tuned: quadmamba.tune_allocator()")
     header = f"{'variant':<16}{'batch':>6} {'mode':<6}" + "".join(
         f"{k + ' img/s default':>{len(k) + 18}}{'tuned':>9}{'tuned/default':>15}" for k in kernels)
@@ -154,8 +166,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if not args.compare_allocator and not apply_allocator(args.allocator) and args.allocator == "tuned" and args.child:
-        sys.exit(f"cannot tune the allocator here: {describe_allocator()}")
+    if not args.compare_allocator:   # (compared: each child process sets its own)
+        tuned = apply_allocator(args.allocator)
+        if args.child and args.allocator == "tuned" and not tuned:
+            sys.exit(f"cannot tune the allocator here: {describe_allocator()}")
     device = torch.device(args.device)
     names = [v if v.startswith("quadmamba_") else f"quadmamba_{v}" for v in args.variants]
     for name in names:
@@ -164,8 +178,7 @@ def main(argv=None) -> None:
     kernels = list(args.kernels)
     if args.child:   # one row, timed; the parent (--compare-allocator) reads the JSON line
         (name,), (batch,), (mode,) = names, args.batches, args.modes
-        steps = {k: make_step(name, k, batch, mode, args, device) for k in kernels}
-        seconds = time_interleaved(steps, device, warmup=args.warmup, reps=args.iters, max_seconds=args.max_seconds)
+        seconds = time_row(name, batch, mode, kernels, args, device)
         print(json.dumps({"seconds": seconds, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
     if args.compare_allocator:
@@ -173,10 +186,7 @@ def main(argv=None) -> None:
             parser.error("--compare-allocator compares CPU allocator settings: use --device cpu")
         compare_allocator(args, names, kernels)
         return
-    print(f"torch {torch.__version__}, python {platform.python_version()}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-          + f", image {args.img_size}x{args.img_size}, autocast {args.amp}")
+    print(describe_run(args, device))
     if device.type == "cpu" and args.amp == "none":
         print(f"float32 Linears: fused {linear_route()}; compiled, fused-flinear and reference F.linear")
     if device.type == "cpu":
@@ -191,9 +201,7 @@ def main(argv=None) -> None:
     for name in names:
         for batch in args.batches:
             for mode in args.modes:
-                steps = {k: make_step(name, k, batch, mode, args, device) for k in kernels}
-                seconds = time_interleaved(steps, device, warmup=args.warmup, reps=args.iters,
-                                           max_seconds=args.max_seconds)
+                seconds = time_row(name, batch, mode, kernels, args, device)
                 line = f"{name:<16}{batch:>6} {mode:<6}" + "".join(f"{batch / seconds[k]:>{width[k]}.2f}"
                                                                     for k in kernels)
                 line += "".join(f"{seconds['reference'] / seconds[k]:>{ratio_width[k] - 1}.2f}x" for k in ratios)

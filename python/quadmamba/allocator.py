@@ -51,11 +51,12 @@ def _environment_setting() -> str | None:
     return None
 
 
-def _check_bytes(value, name: str, minimum: int) -> int:
+def _check_bytes(value, name: str) -> int:
+    """A mallopt threshold: an int from 0 to 2**31 - 1 (mallopt takes a C int)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int (bytes), got {type(value).__name__}")
-    if not minimum <= value <= 2**31 - 1:
-        raise ValueError(f"{name} must be between {minimum} and 2**31 - 1 bytes, got {value}")
+    if not 0 <= value <= 2**31 - 1:
+        raise ValueError(f"{name} must be between 0 and 2**31 - 1 bytes, got {value}")
     return value
 
 
@@ -70,8 +71,8 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = T
     (``LD_PRELOAD`` with jemalloc, tcmalloc or mimalloc). Calling it again is harmless.
     """
     global _tuned
-    mmap_threshold = _check_bytes(mmap_threshold, "mmap_threshold", 0)
-    trim_threshold = _check_bytes(trim_threshold, "trim_threshold", 0)
+    mmap_threshold = _check_bytes(mmap_threshold, "mmap_threshold")
+    trim_threshold = _check_bytes(trim_threshold, "trim_threshold")
     if _glibc_version() is None or _environment_setting() is not None:
         return False
     libc = ctypes.CDLL(None)

@@ -339,11 +339,12 @@ def cmd_bench(args) -> int:
     mode = "train (forward+backward)" if args.train else "inference"
     print(f"{args.model}, batch {args.batch_size}, {args.img_size}x{args.img_size}, {mode}, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if device.type == "cpu" and not args.amp:
-        from quadmamba.layers.common import linear_route
-        print(f"float32 Linears: fused {linear_route()}, reference F.linear")
     if device.type == "cpu":
         from quadmamba.allocator import describe_allocator
+        from quadmamba.layers.common import linear_route
+
+        if not args.amp:
+            print(f"float32 Linears: fused {linear_route()}, reference F.linear")
         print(f"CPU allocator: {describe_allocator()}")
     results = benchmark(args.model, batch_size=args.batch_size, img_size=args.img_size, device=device,
                         train=args.train, warmup=args.warmup, iters=args.iters, max_seconds=args.max_seconds,
